@@ -1,0 +1,100 @@
+"""A content-addressed on-disk cache for completions and features.
+
+Keys are hashes of (the producer's identity, the exact input); values are JSON or
+float32 vectors. It is one SQLite file in WAL mode: each `put` commits, so a run
+killed at any moment keeps everything it finished, and several processes may
+share one cache directory at once (SQLite does the locking; we use it rather than
+hand-written lock files for exactly that reason).
+
+It does not decide what to compute: the samplers and embedders ask it first.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("QPROBE_CACHE", Path.home() / ".cache" / "qprobe"))
+
+
+def make_key(identity: dict | str, payload: Any) -> str:
+    """sha256 over a canonical JSON of the producer identity and the input."""
+    blob = json.dumps([identity, payload], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class Cache:
+    """Key -> value store in `<directory>/cache.sqlite`. Thread-safe; process-safe."""
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self.directory = Path(directory) if directory is not None else DEFAULT_CACHE_DIR
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / "cache.sqlite"
+        self._local = threading.local()
+        with self._conn() as c:
+            c.execute("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, kind TEXT, v BLOB)")
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    # -- raw
+    def get_many(self, keys: Iterable[str]) -> dict[str, tuple[str, bytes]]:
+        keys = list(keys)
+        out: dict[str, tuple[str, bytes]] = {}
+        conn = self._conn()
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            q = f"SELECT k, kind, v FROM kv WHERE k IN ({','.join('?' * len(chunk))})"
+            for k, kind, v in conn.execute(q, chunk):
+                out[k] = (kind, v)
+        return out
+
+    def put_many(self, items: Iterable[tuple[str, str, bytes]]) -> None:
+        conn = self._conn()
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT OR REPLACE INTO kv (k, kind, v) VALUES (?, ?, ?)", list(items))
+
+    # -- typed helpers
+    def get_json(self, keys: Iterable[str]) -> dict[str, Any]:
+        return {k: json.loads(v) for k, (kind, v) in self.get_many(keys).items() if kind == "json"}
+
+    def put_json(self, items: dict[str, Any]) -> None:
+        self.put_many((k, "json", json.dumps(v, ensure_ascii=False).encode()) for k, v in items.items())
+
+    def get_vectors(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
+        return {k: np.frombuffer(v, dtype=np.float32) for k, (kind, v) in self.get_many(keys).items() if kind == "f32"}
+
+    def put_vectors(self, items: dict[str, np.ndarray]) -> None:
+        self.put_many((k, "f32", np.asarray(v, dtype=np.float32).tobytes()) for k, v in items.items())
+
+    def __len__(self) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM kv").fetchone()[0]
+
+
+class NullCache(Cache):
+    """A cache that stores nothing (`--no-cache`)."""
+
+    def __init__(self):  # noqa: D401 - no directory
+        self.directory = None
+
+    def get_many(self, keys):
+        return {}
+
+    def put_many(self, items):
+        return None
+
+    def __len__(self):
+        return 0

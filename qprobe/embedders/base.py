@@ -1,0 +1,104 @@
+"""The embedder extension point: subclasses implement `embed_batch` only.
+
+Batching, the on-disk cache, progress bars and shape checks live here, once.
+A backend never sees the cache and never prints.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from qprobe.cache import Cache, NullCache, make_key
+from qprobe.errors import QProbeError
+
+Prompt = Any  # a string, or a list of {"role", "content"} chat messages
+Item = tuple[Prompt, str]  # (prompt, completion)
+
+
+class Embedder:
+    """Turns (prompt, completion) pairs into feature vectors of shape (dim,)."""
+
+    batch_size: int = 16
+
+    def identity(self) -> dict:
+        """What makes two embedders' features interchangeable (kind, model, layer, pooling)."""
+        raise NotImplementedError
+
+    def embed_batch(self, items: Sequence[Item]) -> np.ndarray:
+        """Return features of shape (len(items), dim). The one method a backend writes."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- shared machinery
+    def cache_key(self, prompt: Prompt, completion: str) -> str:
+        return make_key(self.identity(), [prompt, completion])
+
+    def embed(
+        self,
+        items: Sequence[Item],
+        cache: Cache | None = None,
+        batch_size: int | None = None,
+        progress: bool = True,
+        desc: str = "embed",
+    ) -> np.ndarray:
+        """Features for every item, shape (len(items), dim), float32.
+
+        Cached items are not recomputed; every finished batch is committed to the
+        cache at once, so a killed run resumes where it stopped.
+        """
+        cache = cache if cache is not None else NullCache()
+        bs = batch_size or self.batch_size
+        keys = [self.cache_key(p, c) for p, c in items]
+        found = cache.get_vectors(set(keys))
+        todo = [i for i, k in enumerate(keys) if k not in found]
+        # embed each distinct missing key once
+        first: dict[str, int] = {}  # key -> first item index needing it
+        for i in todo:
+            first.setdefault(keys[i], i)
+        # similar lengths batch together: less padding for local models
+        pending = sorted(first.values(), key=lambda i: len(str(items[i][0])) + len(items[i][1]))
+        self.n_computed = len(pending)
+        with tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="row", disable=not progress, leave=False) as bar:
+            for s in range(0, len(pending), bs):
+                idx = pending[s : s + bs]
+                out = np.asarray(self.embed_batch([items[i] for i in idx]), dtype=np.float32)
+                if out.ndim != 2 or out.shape[0] != len(idx):
+                    raise QProbeError(
+                        f"{self.identity().get('model')}: embedder returned shape {out.shape} for {len(idx)} inputs"
+                    )
+                if not np.isfinite(out).all():
+                    raise QProbeError(f"{self.identity().get('model')}: embedder returned NaN or infinite features")
+                new = {keys[i]: out[j] for j, i in enumerate(idx)}
+                cache.put_vectors(new)
+                found.update(new)
+                bar.update(sum(1 for i in todo if keys[i] in new))
+        if not items:
+            return np.zeros((0, 0), dtype=np.float32)
+        dims = {found[k].shape[0] for k in keys}
+        if len(dims) != 1:
+            raise QProbeError(f"cache holds features of several sizes {sorted(dims)} for one embedder; clear the cache")
+        return np.stack([found[k] for k in keys]).astype(np.float32)
+
+
+def get_embedder(spec: dict) -> Embedder:
+    """Build an embedder from a CLI-style spec dict.
+
+    spec keys: kind ("hf" | "sentence" | "api"), and the backend's own options.
+    Heavy imports happen only here, inside the chosen branch.
+    """
+    kind = spec.get("kind", "hf")
+    opts = {k: v for k, v in spec.items() if k != "kind" and v is not None}
+    if kind == "hf":
+        from qprobe.embedders.hf import HFEmbedder
+
+        return HFEmbedder(**opts)
+    if kind == "sentence":
+        from qprobe.embedders.sentence import SentenceEmbedder
+
+        return SentenceEmbedder(**opts)
+    if kind == "api":
+        from qprobe.embedders.openai_api import OpenAIEmbedder
+
+        return OpenAIEmbedder(**opts)
+    raise QProbeError(f"unknown embedder kind {kind!r} (expected hf, sentence or api)")

@@ -1,0 +1,98 @@
+"""Features from a local transformers model: the hidden state at one layer,
+at the last completion token or mean-pooled over the completion tokens.
+
+The prompt is tokenised exactly as the HF sampler feeds it (chat template for
+message lists), so features computed here match those the sampler can capture.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from qprobe.embedders.base import Embedder, Item
+from qprobe.errors import QProbeError
+from qprobe.hfmodel import DEFAULT_MODEL, completion_ids, load_model, norm_layer, prompt_ids
+
+POOLINGS = ("last", "mean")
+
+
+def hf_identity(model: str, layer: int, pooling: str) -> dict:
+    """Identity of HF features; `layer` is already normalised (hidden_states index)."""
+    return {"kind": "hf", "model": model, "layer": int(layer), "pooling": pooling}
+
+
+def pool_states(states, prompt_state, pooling: str):
+    """Pool completion-token states (n_tokens, H) -> (H,); an empty completion uses the last prompt token."""
+    if states is None or len(states) == 0:
+        return prompt_state
+    return states[-1] if pooling == "last" else states.mean(0)
+
+
+class HFEmbedder(Embedder):
+    """Hidden-state features of a causal LM.
+
+    Parameters
+    ----------
+    model : str
+        Hugging Face id, local folder, .gguf file or ``smollm2-135m``.
+    layer : int
+        Index into the model's hidden states: 0 the embeddings, -1 (default) the
+        last layer, after the final norm.
+    pooling : {"last", "mean"}
+        The last completion token, or the mean over completion tokens.
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, layer: int = -1, pooling: str = "last",
+                 batch_size: int = 16, device: str | None = None, dtype: str | None = None):
+        if pooling not in POOLINGS:
+            raise QProbeError(f"--pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
+        self.model = model
+        self.layer = int(layer)
+        self.pooling = pooling
+        self.batch_size = int(batch_size)
+        self.device = device
+        self.dtype = dtype
+        self._identity = None
+
+    def _load(self):
+        return load_model(self.model, self.device, self.dtype)
+
+    def identity(self) -> dict:
+        if self._identity is None:
+            model, _ = self._load()
+            self._identity = hf_identity(self.model, norm_layer(model, self.layer), self.pooling)
+        return self._identity
+
+    def embed_batch(self, items: Sequence[Item]) -> np.ndarray:
+        import torch
+
+        model, tok = self._load()
+        layer = norm_layer(model, self.layer)
+        limit = getattr(model.config, "max_position_embeddings", None) or 10**9
+        seqs = []  # (ids, n_prompt_tokens)
+        for prompt, completion in items:
+            p = prompt_ids(tok, prompt)
+            c = completion_ids(tok, completion)
+            if len(p) + len(c) > limit:
+                raise QProbeError(
+                    f"an input of {len(p) + len(c)} tokens exceeds the model's context of {limit} tokens "
+                    f"(prompt starting {str(prompt)[:40]!r})"
+                )
+            seqs.append((p + c, len(p)))
+        T = max(len(s) for s, _ in seqs)
+        inp = torch.full((len(seqs), T), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for r, (ids, _) in enumerate(seqs):  # right padding: positions start at 0 for every row
+            inp[r, : len(ids)] = torch.tensor(ids)
+            mask[r, : len(ids)] = 1
+        dev = model.device
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model  # skip the LM head: no logits needed
+        with torch.no_grad():
+            out = base(input_ids=inp.to(dev), attention_mask=mask.to(dev), output_hidden_states=True)
+        hs = out.hidden_states[layer].float()
+        feats = []
+        for r, (ids, n_p) in enumerate(seqs):
+            comp = hs[r, n_p : len(ids)]
+            feats.append(pool_states(comp, hs[r, n_p - 1], self.pooling))
+        return torch.stack(feats).cpu().numpy()
