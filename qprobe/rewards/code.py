@@ -1,0 +1,155 @@
+"""Reward for code completions: run the row's code with the row's tests.
+
+What it does: pulls the code out of a completion (:func:`extract_code`),
+glues it to the tests a row carries (:func:`build_program`) and runs the
+result in the sandbox (:func:`code_reward`): 1.0 if every test passes, else
+0.0 with the sandbox's reason.
+
+Row formats understood (the first one present wins):
+
+* MBPP: ``test_list`` (assert statements) and optional ``test_setup_code``.
+  Program = code + setup + asserts (setup may use the code's classes, e.g.
+  MBPP task 367 builds ``Node`` trees).
+* HumanEval: ``test`` (defines ``check(candidate)``) and ``entry_point``.
+  Program = code + test + ``check(entry_point)``. When the completion does not
+  define ``entry_point`` it is taken to continue the prompt, and
+  ``row["prompt"]`` is put in front; when it does, only the prompt's import
+  lines are (HumanEval prompts import ``List`` and friends that full-function
+  completions often forget).
+* Generic: ``tests``, a string of Python run after the code.
+
+A ``code_prefix`` field, when present, is always put in front of the
+completion's code instead of the prompt.
+
+A completion cannot earn a reward by exiting early (``sys.exit(0)``,
+``os._exit(0)`` from an atexit hook...): the program ends by printing a random
+token, and a run that exits 0 without printing it scores 0.
+
+It does not sample, embed or store anything.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+
+from qprobe.errors import QProbeError
+from qprobe.rewards.sandbox import run_python
+from qprobe.rewards.simple import describe_row
+
+# An opening fence at the start of a line, with an optional info string.
+_FENCE_OPEN = re.compile(r"^[ \t]*```[ \t]*([^\s`]*)[^\n`]*$", re.M)
+_FENCE_CLOSE = re.compile(r"^[ \t]*```[ \t]*$", re.M)
+_PYTHON_TAGS = {"", "python", "py", "python3", "py3"}
+_IMPORT_LINE = re.compile(r"^(?:import [\w., ]+|from [\w.]+ import [^\n]+)$", re.M)
+
+
+def extract_code(completion: str) -> str:
+    """The code of the first Python (or untagged) fenced block, else the text.
+
+    Parameters
+    ----------
+    completion : str
+        A model completion, Markdown or bare code.
+
+    Returns
+    -------
+    str
+        The inside of the first ```` ```python ````/```` ```py ````/```` ``` ````
+        block (blocks tagged with another language are skipped); everything
+        after the opening fence if that block is never closed; or
+        ``completion`` unchanged when it has no such fence.
+    """
+    pos = 0
+    while True:
+        opening = _FENCE_OPEN.search(completion, pos)
+        if opening is None:
+            return completion
+        start = opening.end() + 1  # past the newline ending the fence line
+        closing = _FENCE_CLOSE.search(completion, start)
+        if opening.group(1).lower() in _PYTHON_TAGS:
+            body = completion[start:closing.start()] if closing else completion[start:]
+            return body.rstrip("\n") + "\n" if body.strip() else ""
+        if closing is None:
+            return completion
+        pos = closing.end()
+
+
+def _text_field(row: dict, name: str) -> str:
+    value = row.get(name)
+    if not isinstance(value, str):
+        raise QProbeError(f"code reward: {describe_row(row)} needs a string {name!r} field, "
+                          f"got {type(value).__name__}")
+    return value
+
+
+def build_program(row: dict) -> str:
+    """The program that :func:`code_reward` runs for ``row`` (without the token).
+
+    Parameters
+    ----------
+    row : dict
+        A completion row with ``completion`` and one of the test formats
+        described in the module docstring.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    QProbeError
+        The row has no completion or no tests.
+    """
+    code = extract_code(_text_field(row, "completion"))
+    if "code_prefix" in row:
+        code = _text_field(row, "code_prefix") + code
+    if row.get("test_list") is not None:
+        tests = row["test_list"]
+        if isinstance(tests, str) or not all(isinstance(t, str) for t in tests):
+            raise QProbeError(f"code reward: {describe_row(row)} has a test_list that is not a list of strings")
+        setup = row.get("test_setup_code") or ""
+        return f"{code}\n\n{setup}\n\n" + "\n".join(tests) + "\n"
+    if row.get("test") is not None and row.get("entry_point"):
+        entry = _text_field(row, "entry_point")
+        if "code_prefix" not in row and isinstance(row.get("prompt"), str):
+            if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.M):
+                code = "\n".join(_IMPORT_LINE.findall(row["prompt"])) + "\n" + code
+            else:
+                code = row["prompt"] + code
+        return f"{code}\n\n{_text_field(row, 'test')}\n\ncheck({entry})\n"
+    if row.get("tests") is not None:
+        return f"{code}\n\n{_text_field(row, 'tests')}\n"
+    raise QProbeError(f"code reward: {describe_row(row)} has no tests; expected test_list "
+                      "(MBPP), test + entry_point (HumanEval) or tests")
+
+
+def code_reward(row: dict, timeout: float = 3.0, *, backend: str | None = None) -> tuple[float, str]:
+    """Run a row's code against its tests in the sandbox.
+
+    Parameters
+    ----------
+    row : dict
+        See :func:`build_program`.
+    timeout : float
+        Wall-clock seconds for the whole program.
+    backend : str or None
+        Sandbox backend, see :func:`qprobe.rewards.sandbox.sandbox_backend`.
+
+    Returns
+    -------
+    reward : float
+        1.0 when every test passed, else 0.0.
+    reason : str
+        ``passed`` or the sandbox's reason (``failed: AssertionError``,
+        ``timeout``, ``syntax error``, ...).
+    """
+    token = secrets.token_hex(16)
+    program = (build_program(row)
+               + f"\nimport sys as _qprobe_sys\n_qprobe_sys.stdout.write('\\n{token}\\n')\n"
+               "_qprobe_sys.stdout.flush()\n")
+    result = run_python(program, timeout=timeout, backend=backend)
+    if not result.passed:
+        return 0.0, result.reason
+    if token not in result.stdout:
+        return 0.0, "failed: exited before the tests finished"
+    return 1.0, "passed"

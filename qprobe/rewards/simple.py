@@ -1,0 +1,175 @@
+"""Rewards that need no sandbox: exact match, regex, a user's Python function.
+
+Every reward here takes a completion row (a dict with at least
+``completion``) and returns ``(reward, reason)``.
+
+* :func:`match_reward`: 1.0 when the stripped completion equals the stripped
+  reference (or one of them, when the reference is a list).
+* :func:`regex_reward`: 1.0 when the reference regex matches the *whole*
+  stripped completion (``re.fullmatch`` with ``re.DOTALL``); write
+  ``.*answer.*`` to accept the answer anywhere.
+* :func:`load_python_reward`: a user's ``fn(row) -> float | (float, reason)``.
+
+It does not run untrusted code; see ``code.py`` for that.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import numbers
+import os
+import re
+import sys
+from typing import Callable
+
+from qprobe.errors import QProbeError
+
+RewardFn = Callable[[dict], "tuple[float, str]"]
+_ID_FIELDS = ("id", "row_id", "sample_id", "prompt_id", "task_id")
+
+
+def describe_row(row: dict) -> str:
+    """A short name for ``row`` in error messages, e.g. ``row task_id=11``."""
+    if isinstance(row, dict):
+        for key in _ID_FIELDS:
+            if key in row:
+                return f"row {key}={row[key]!r}"
+        if isinstance(row.get("prompt"), str):
+            prompt = " ".join(row["prompt"].split())
+            return f"row with prompt {prompt[:40]!r}"
+    return "row"
+
+
+def _get(row: dict, field: str, kind: str):
+    if not isinstance(row, dict) or field not in row:
+        raise QProbeError(f"{kind} reward: {describe_row(row)} has no {field!r} field")
+    return row[field]
+
+
+def _completion(row: dict, kind: str) -> str:
+    completion = _get(row, "completion", kind)
+    if not isinstance(completion, str):
+        raise QProbeError(f"{kind} reward: {describe_row(row)} has a non-string completion")
+    return completion
+
+
+def match_reward(row: dict, field: str = "reference") -> tuple[float, str]:
+    """Exact match of the stripped completion against ``row[field]``.
+
+    Parameters
+    ----------
+    row : dict
+        Needs ``completion`` and ``field``; the reference may be a string, a
+        number, or a list of acceptable answers.
+    field : str
+        Which field holds the reference.
+
+    Returns
+    -------
+    (float, str)
+        ``(1.0, "match")`` or ``(0.0, "no match")``.
+    """
+    answer = _completion(row, "match").strip()
+    ref = _get(row, field, "match")
+    refs = ref if isinstance(ref, list) else [ref]
+    ok = any(answer == str(r).strip() for r in refs)
+    return (1.0, "match") if ok else (0.0, "no match")
+
+
+def regex_reward(row: dict, field: str = "reference") -> tuple[float, str]:
+    """``re.fullmatch(row[field], completion.strip(), re.DOTALL)``.
+
+    Parameters
+    ----------
+    row : dict
+        Needs ``completion`` and ``field`` (a regular expression).
+    field : str
+        Which field holds the pattern.
+
+    Returns
+    -------
+    (float, str)
+        ``(1.0, "match")`` or ``(0.0, "no match")``.
+
+    Raises
+    ------
+    QProbeError
+        Missing field or invalid pattern.
+    """
+    text = _completion(row, "regex").strip()
+    pattern = _get(row, field, "regex")
+    try:
+        ok = re.fullmatch(str(pattern), text, re.DOTALL) is not None
+    except re.error as exc:
+        raise QProbeError(f"regex reward: {describe_row(row)} has an invalid pattern "
+                          f"{pattern!r}: {exc}") from None
+    return (1.0, "match") if ok else (0.0, "no match")
+
+
+def load_python_reward(spec: str) -> RewardFn:
+    """Import a user's reward function from ``MODULE:FN`` or ``path/file.py:FN``.
+
+    Parameters
+    ----------
+    spec : str
+        ``package.module:function`` (importable from ``sys.path`` or the
+        current directory) or ``some/file.py:function``. The function takes a
+        row dict and returns a float or ``(float, reason)``; it may be called
+        from several threads at once.
+
+    Returns
+    -------
+    callable
+        ``row -> (float, str)``, checking what the function returns.
+
+    Raises
+    ------
+    QProbeError
+        Bad spec, module that cannot be imported, missing function.
+    """
+    module_name, sep, fn_name = spec.rpartition(":")
+    if not sep or not module_name or not fn_name:
+        raise QProbeError(f"reward kind 'python:{spec}' should look like python:MODULE:FUNCTION")
+    try:
+        if module_name.endswith(".py"):
+            path = os.path.abspath(module_name)
+            mod_spec = importlib.util.spec_from_file_location(
+                "qprobe_user_reward_" + os.path.basename(path)[:-3], path)
+            if mod_spec is None or not os.path.isfile(path):
+                raise FileNotFoundError(f"no such file {path}")
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = _import_with_cwd(module_name)
+    except Exception as exc:  # any import-time failure is the user's to fix
+        raise QProbeError(f"cannot import {module_name!r} for reward kind 'python:{spec}': "
+                          f"{type(exc).__name__}: {exc}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise QProbeError(f"{module_name!r} has no function {fn_name!r} (reward kind 'python:{spec}')")
+
+    def reward(row: dict) -> tuple[float, str]:
+        out = fn(row)
+        value, reason = out if isinstance(out, tuple) and len(out) == 2 else (out, "python")
+        if (not isinstance(value, numbers.Real) or not math.isfinite(float(value))
+                or not isinstance(reason, str)):
+            raise QProbeError(f"python:{spec} returned {out!r} for {describe_row(row)}; "
+                              "expected a finite float or (float, str)")
+        return float(value), reason
+
+    return reward
+
+
+def _import_with_cwd(name: str):
+    """``importlib.import_module``, also looking in the current directory (the
+    ``qprobe`` console script does not put it on ``sys.path``)."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        return importlib.import_module(name)
+    finally:
+        if added:
+            sys.path.remove(cwd)
