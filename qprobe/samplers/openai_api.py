@@ -1,0 +1,150 @@
+"""Sample completions from an OpenAI-compatible HTTP server (OpenAI, vLLM, llama.cpp, ...).
+
+Jobs for the same prompt are sent together as one request with ``n`` equal to
+the number of completions still missing (or `n_per_request`). Servers that
+return fewer choices than ``n`` (llama.cpp's server ignores ``n`` and returns
+one) are topped up with further requests until every job has its completion;
+each request carries the seed of its first job, so a server that honours seeds
+but ignores ``n`` still gives different completions for different jobs.
+
+Requests run on `concurrency` threads and results are yielded as each request
+finishes, so the base class caches them before any later failure surfaces.
+Retries and error messages live in `qprobe.apiclient`.
+
+It does not cache, print or tokenize; the `openai` package is imported only when
+an `OpenAISampler` is built.
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterator, Sequence
+
+from qprobe.apiclient import ApiClient, BadResponse, TaskPool
+from qprobe.errors import QProbeError
+from qprobe.samplers.base import Sampler, SampleJob
+
+MAX_N = 128  # OpenAI's cap on `n`
+
+
+class OpenAISampler(Sampler):
+    """Completions from ``/chat/completions`` or ``/completions``.
+
+    Parameters
+    ----------
+    api_base : str
+        Base URL with the version prefix, e.g. ``http://127.0.0.1:8080/v1``.
+    model : str
+        Model name sent with every request.
+    api_key : str, optional
+        Defaults to ``$OPENAI_API_KEY``; local servers accept any key. Never stored in `identity`.
+    mode : {"chat", "completions"}
+        Endpoint for string prompts. Chat-message prompts (lists) always go to
+        ``/chat/completions``; in chat mode a string prompt becomes one user message.
+    temperature, top_p : float
+        Sampling settings sent to the server.
+    max_new_tokens : int
+        Sent as ``max_tokens``.
+    stop : str or list of str, optional
+        Stop sequences.
+    n_per_request : int, optional
+        Completions asked for per request; default all that the prompt still needs (at most 128).
+    concurrency : int
+        Requests in flight at once.
+    timeout : float
+        Seconds per HTTP attempt.
+    max_retries : int
+        Retries per request (see `qprobe.apiclient`).
+    backoff : float
+        First retry delay in seconds (doubles per retry, jittered).
+    """
+
+    def __init__(self, api_base: str, model: str, api_key: str | None = None, mode: str = "chat",
+                 temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 256,
+                 stop: str | list[str] | None = None, n_per_request: int | None = None,
+                 concurrency: int = 4, timeout: float = 60, max_retries: int = 6, backoff: float = 0.5):
+        if mode not in ("chat", "completions"):
+            raise QProbeError(f"sampler mode must be 'chat' or 'completions', not {mode!r}")
+        if n_per_request is not None and int(n_per_request) < 1:
+            raise QProbeError(f"n_per_request must be at least 1, not {n_per_request}")
+        self.api_base = api_base.rstrip("/")
+        self.model = model
+        self.mode = mode
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.max_new_tokens = int(max_new_tokens)
+        self.stop = [stop] if isinstance(stop, str) else (list(stop) if stop else None)
+        self.n_per_request = None if n_per_request is None else int(n_per_request)
+        self.concurrency = int(concurrency)
+        self.api = ApiClient(self.api_base, api_key, timeout=timeout, max_retries=max_retries, backoff=backoff)
+
+    @property
+    def n_requests(self) -> int:
+        """HTTP attempts made so far, retries included."""
+        return self.api.n_requests
+
+    def identity(self) -> dict:
+        return {
+            "kind": "api", "api_base": self.api_base, "model": self.model, "mode": self.mode,
+            "temperature": self.temperature, "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens, "stop": self.stop,
+        }
+
+    # ------------------------------------------------------------------ one request
+    def _body(self, prompt, n: int, seed: int) -> tuple[str, dict]:
+        """(endpoint path, JSON body) for `n` completions of `prompt`."""
+        body = {"model": self.model, "temperature": self.temperature, "top_p": self.top_p,
+                "max_tokens": self.max_new_tokens, "n": n, "seed": seed}
+        if self.stop:
+            body["stop"] = self.stop
+        if isinstance(prompt, str) and self.mode == "completions":
+            return "/completions", {**body, "prompt": prompt}
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return "/chat/completions", {**body, "messages": messages}
+
+    @staticmethod
+    def _check(data) -> None:
+        """Reject bodies without at least one usable choice (retried by `post_json`)."""
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list) or not choices:
+            raise BadResponse("no choices")
+        for c in choices:
+            if not isinstance(c, dict) or not (isinstance(c.get("text"), str) or isinstance(c.get("message"), dict)):
+                raise BadResponse("a choice has neither text nor message")
+
+    def _request(self, jobs: list[SampleJob], stop) -> list[dict]:
+        """Up to len(jobs) results for jobs that share one prompt (fewer if the server says so)."""
+        path, body = self._body(jobs[0].prompt, len(jobs), jobs[0].seed)
+        data = self.api.post_json(path, body, check=self._check, stop=stop)
+        choices = sorted(data["choices"], key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0)
+        out = []
+        for c in choices[: len(jobs)]:
+            text = c["text"] if "text" in c else (c["message"].get("content") or "")
+            out.append({"completion": text, "finish_reason": c.get("finish_reason")})
+        return out
+
+    # ------------------------------------------------------------------ the stream
+    def sample_stream(self, jobs: Sequence[SampleJob]) -> Iterator[tuple[int, dict]]:
+        """Yield (job index, {"completion", "finish_reason"}) as requests finish.
+
+        Raises
+        ------
+        QProbeError
+            When a request fails for good; results finished before that were yielded first.
+        """
+        by_prompt: dict[str, list[int]] = {}  # canonical prompt -> job indices
+        for i, job in enumerate(jobs):
+            by_prompt.setdefault(json.dumps(job.prompt, sort_keys=True), []).append(i)
+        chunk = min(self.n_per_request or MAX_N, MAX_N)
+        with TaskPool(self.concurrency) as pool:
+            def submit(idx: list[int]) -> None:
+                for s in range(0, len(idx), chunk):
+                    part = idx[s : s + chunk]
+                    pool.submit(part, self._request, [jobs[i] for i in part], pool.stop)
+
+            for idx in by_prompt.values():
+                submit(idx)
+            for idx, results in pool.results():
+                for i, res in zip(idx, results):
+                    yield i, res
+                if len(results) < len(idx):  # fewer choices than n: top up the rest
+                    submit(idx[len(results):])
