@@ -14,6 +14,7 @@ each finished chunk is written to data/mbpp/shards/ (and committed with
 from __future__ import annotations
 
 import argparse
+import os
 import gzip
 import json
 import subprocess
@@ -81,7 +82,7 @@ def main():
     args = ap.parse_args()
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("QPROBE_THREADS", "1")))
     OUT.mkdir(parents=True, exist_ok=True)
     cache = Cache(args.cache)
     todo = [p for p in plan() if not (OUT / f"{p[0]}.rows.jsonl.gz").exists()]
