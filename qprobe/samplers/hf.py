@@ -80,7 +80,16 @@ class HFSampler(Sampler):
         if self.temperature <= 0:
             return logits.argmax(-1).tolist()
         probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-        sp, si = probs.sort(dim=-1, descending=True)
+        # nucleus: the top 256 tokens cover top_p in nearly every row; sort the whole
+        # vocabulary only for rows where they don't (a full sort was 20% of a step)
+        sp, si = probs.topk(min(256, probs.shape[-1]), dim=-1)
+        short = sp.sum(-1) < min(self.top_p, 1.0 - 1e-6)
+        if short.any():
+            full_p, full_i = probs.sort(dim=-1, descending=True)
+            pad = full_p.shape[-1] - sp.shape[-1]
+            sp = torch.nn.functional.pad(sp, (0, pad))
+            si = torch.nn.functional.pad(si, (0, pad))
+            sp[short], si[short] = full_p[short], full_i[short]
         if self.top_p < 1.0:
             sp = sp.masked_fill(sp.cumsum(-1) - sp > self.top_p, 0.0)  # smallest prefix reaching top_p
         # inverse-CDF draw with one uniform per row from the row's own generator
