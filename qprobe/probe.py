@@ -24,6 +24,8 @@ maths (:mod:`qprobe.select`), reading features or rows from disk.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
@@ -82,12 +84,17 @@ class QProbe(BaseEstimator):
         Rows per AdamW step, rounded to whole chunks/pairs; None for full batch.
     weight_decay : float, default 0.0
         AdamW decoupled weight decay on weights (torch heads).
-    max_iter : int, default 200
-        L-BFGS iterations for linear ``ce``.
+    max_iter : int, default 50
+        L-BFGS iteration cap for linear ``ce`` (each costs about two passes
+        over X). On ill-conditioned synthetic features held-out selection
+        stopped improving after ~30 iterations, so the cap doubles as early
+        stopping; raise it (and check ``n_iter_``) for a fully converged fit.
     device : str or None, default None
         Torch device; None picks CUDA when available, else CPU.
     random_state : int, RandomState or None, default None
-        Seeds initialisation and shuffling: the same fit twice gives the same probe.
+        Seeds initialisation and shuffling: the same fit twice gives the same
+        probe (bit for bit on CPU; on CUDA to float rounding, since scatter-adds
+        there are not ordered).
 
     Attributes
     ----------
@@ -99,6 +106,8 @@ class QProbe(BaseEstimator):
     mean_, scale_ : ndarray of shape (n_features,)
         Standardisation learned in fit (0 and 1 when ``standardize=False``).
     n_features_in_ : int
+    n_iter_ : int
+        Epochs (torch heads) or L-BFGS iterations (linear ``ce``); 1 for linear ``mse``.
     loss_curve_ : list of float
         Mean training loss per epoch (torch heads only; empty otherwise).
     embedder_ : dict or None
@@ -119,7 +128,7 @@ class QProbe(BaseEstimator):
         epochs=None,
         batch_size=1000,
         weight_decay=0.0,
-        max_iter=200,
+        max_iter=50,
         device=None,
         random_state=None,
     ):
@@ -142,7 +151,7 @@ class QProbe(BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.target_tags.required = True
         tags.target_tags.one_d_labels = True
-        if self.objective == "ce":  # y must be two classes; the checks then pass {0, 1}
+        if self.objective == "ce":  # binary y; sklearn's checks then send two labels {m, m + 1}
             from sklearn.utils import ClassifierTags
 
             tags.classifier_tags = ClassifierTags(multi_class=False)
@@ -177,10 +186,12 @@ class QProbe(BaseEstimator):
         self.embedder_ = getattr(self, "embedder_", None)
         if self.hidden is None and self.objective == "mse":
             w, b = _fit_ridge(X, y, self.mean_, self.scale_, float(self.alpha))
+            self.n_iter_ = 1
         elif self.hidden is None and self.objective == "ce":
-            w, b = _fit_logistic(X, y, self.mean_, self.scale_, float(self.alpha), int(self.max_iter))
+            w, b, self.n_iter_ = _fit_logistic(X, y, self.mean_, self.scale_, float(self.alpha), int(self.max_iter))
         else:
             params, self.loss_curve_ = _fit_torch(self, X, y, gi, rs)
+            self.n_iter_ = len(self.loss_curve_)
             if self.hidden is None:
                 w, b = params["w"], float(params["b"])
             else:
@@ -228,7 +239,7 @@ class QProbe(BaseEstimator):
         except ValueError as err:
             msg = _one_line(err)
             if msg.startswith("Expected 2D array"):
-                msg = "X must be 2-D of shape (n_rows, n_features), got a 1-D array; Reshape your data, e.g. X.reshape(1, -1) for one row"
+                msg = f"X must be 2-D of shape (n_rows, n_features), got {np.ndim(X)}-D; Reshape your data, e.g. X.reshape(1, -1) for one row"
             raise QProbeError(msg) from None
 
     def _check_groups(self, groups, y):
@@ -450,7 +461,7 @@ def _fit_logistic(X, y, mean, scale, alpha, max_iter):
     theta0[d] = np.log(p / (1 - p)) if 0 < p < 1 else 0.0
     tol = 1e-10 if X.dtype == np.float64 else 1e-7
     res = minimize(f, theta0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol, "ftol": tol})
-    return res.x[:d], float(res.x[d])
+    return res.x[:d], float(res.x[d]), int(res.nit)
 
 
 # ---------------------------------------------------------------------- torch training
@@ -520,7 +531,12 @@ def _fit_torch(probe, X, y, gi, rs):
         lr=float(probe.lr),
     )
     seg_rows = {"pg": int(probe.k), "pref": 2}.get(obj, 1)
-    y_all = torch.as_tensor(y, dtype=dt)
+    y_all = torch.as_tensor(y, dtype=dt).to(dev)
+    X_dev = None  # X on the accelerator when it fits comfortably: batches are then gathered there
+    if dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] > 3 * X.shape[0] * X.shape[1] * (8 if dt == torch.float64 else 4):
+        with warnings.catch_warnings():  # read-only (memory-mapped) X: only read, never written
+            warnings.simplefilter("ignore", UserWarning)
+            X_dev = torch.as_tensor(X).to(dev, dt)
     curve, epoch, n_epochs = [], 0, probe.epochs
     while n_epochs is None or epoch < n_epochs:
         rows, sizes = _epoch_segments(obj, gi, n, int(probe.k), rs)
@@ -533,8 +549,12 @@ def _fit_torch(probe, X, y, gi, rs):
         for a in range(0, sizes.size, per):
             b = min(a + per, sizes.size)
             idx = rows[ends[a] - sizes[a] : ends[b - 1]]
-            xb = torch.from_numpy(X[idx]).to(dev, dt)  # the one copy: this batch's rows
-            yb = y_all[idx].to(dev)
+            idx_t = torch.from_numpy(idx).to(dev)
+            if X_dev is not None:
+                xb = X_dev.index_select(0, idx_t)
+            else:
+                xb = torch.from_numpy(X[idx]).to(dev, dt)  # the one copy: this batch's rows
+            yb = y_all[idx_t]
             seg = torch.from_numpy(np.repeat(np.arange(b - a), sizes[a:b])).to(dev)
             # standardisation folded into the first layer: ((x - mean) * inv) @ w == x @ (w * inv) - mean @ (w * inv)
             if h is None:
