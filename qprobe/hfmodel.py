@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,21 @@ def load_model(name: str, device: str | None = None, dtype: str | None = None):
 
 
 def prompt_ids(tok, prompt: Any) -> list[int]:
-    """Token ids of a prompt: chat messages go through the chat template, strings as is."""
+    """Token ids of a prompt: chat messages go through the chat template, strings as is.
+
+    Memoised per tokenizer: the k samples of a prompt share it, and rendering a
+    chat template costs more than a GPU forward of the batch.
+    """
+    memo = tok.__dict__.setdefault("_qprobe_prompt_ids", {})
+    key = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+    if key not in memo:
+        if len(memo) > 100_000:
+            memo.clear()
+        memo[key] = _prompt_ids(tok, prompt)
+    return memo[key]
+
+
+def _prompt_ids(tok, prompt: Any) -> list[int]:
     if isinstance(prompt, list):
         if not getattr(tok, "chat_template", None):
             raise QProbeError("chat prompt given, but the model's tokenizer has no chat template; give a string prompt")

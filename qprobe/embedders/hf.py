@@ -89,9 +89,16 @@ class HFEmbedder(Embedder):
         base = model.get_decoder() if hasattr(model, "get_decoder") else model  # skip the LM head: no logits needed
         with torch.no_grad():
             out = base(input_ids=inp.to(dev), attention_mask=mask.to(dev), output_hidden_states=True)
-        hs = out.hidden_states[layer].float()
-        feats = []
-        for r, (ids, n_p) in enumerate(seqs):
-            comp = hs[r, n_p : len(ids)]
-            feats.append(pool_states(comp, hs[r, n_p - 1], self.pooling))
-        return torch.stack(feats).cpu().numpy()
+        hs = out.hidden_states[layer]  # (B, T, H) in the model's dtype
+        n_p = torch.tensor([n for _, n in seqs], device=dev)
+        n_all = torch.tensor([len(ids) for ids, _ in seqs], device=dev)
+        rows = torch.arange(len(seqs), device=dev)
+        if self.pooling == "last":  # an empty completion falls back to the last prompt token
+            feats = hs[rows, n_all - 1]
+        else:
+            pos = torch.arange(T, device=dev)[None, :]
+            w = ((pos >= n_p[:, None]) & (pos < n_all[:, None])).to(hs.dtype)  # completion tokens
+            empty = w.sum(1) == 0
+            w[empty, (n_p[empty] - 1)] = 1  # empty completion: the last prompt token
+            feats = torch.bmm(w[:, None, :], hs)[:, 0] / w.sum(1, keepdim=True)  # bmm accumulates in fp32
+        return feats.float().cpu().numpy()

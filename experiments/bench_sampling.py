@@ -1,0 +1,192 @@
+"""Throughput of sampling and feature extraction, against the plain transformers baselines.
+
+    python experiments/bench_sampling.py                       # SmolLM2-135M on this CPU
+    python experiments/bench_sampling.py --random llama-7b --tokenizer DIR --device cuda   # a GPU
+
+Prints, for the same MBPP chat prompts:
+  1. useful tokens/s of qprobe's continuous-batching sampler vs a plain loop that
+     calls `model.generate` one prompt at a time (its k samples batched);
+  2. the cost of keeping features during sampling (capture on vs off);
+  3. feature extraction tokens/s of HFEmbedder vs a bare batched forward pass of
+     the same rows in the same batches.
+"Useful" tokens are those kept in the completions (up to the stop), counted
+with the same tokenizer for both samplers. `--random NAME` builds a randomly
+initialised model of a real shape from its config (no download); a random model
+rarely stops early, so there the comparison is of batching alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {  # real model shapes, for randomly initialised benchmarks
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, max_position_embeddings=4096),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, max_position_embeddings=8192),
+}
+
+
+def sync(device):
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def build_random(shape, tokenizer_dir, device, dtype):
+    """Register a randomly initialised model of `shape` under a name the loaders accept."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from qprobe import hfmodel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    name = f"random-{shape}"
+    hfmodel.load_model.cache_clear()
+    orig = hfmodel.load_model
+    hfmodel.load_model = lambda n, d=None, t=None: (model, tok) if n == name else orig(n, d, t)  # noqa: E731
+    import qprobe.embedders.hf as eh
+    import qprobe.samplers.hf as sh
+
+    sh.load_model = eh.load_model = hfmodel.load_model
+    hfmodel.ALIASES[name] = ("", "", cfg.num_hidden_layers)
+    return name
+
+
+def plain_loop(model, tok, rows, k, max_new_tokens, temperature, top_p, device):
+    """The baseline: model.generate one prompt at a time (its k samples in one batch)."""
+    import torch
+
+    from qprobe.hfmodel import prompt_ids
+    from qprobe.samplers.stops import truncate
+
+    out = []
+    for r in rows:
+        ids = torch.tensor([prompt_ids(tok, r["prompt"])], device=device)
+        gen = model.generate(ids, do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                             num_return_sequences=k, pad_token_id=tok.pad_token_id, stop_strings=["\n```"],
+                             tokenizer=tok)
+        for g in gen[:, ids.shape[1]:]:
+            out.append(truncate(tok.decode(g, skip_special_tokens=True), code_block=True)[0])
+    return out
+
+
+def useful_tokens(tok, texts):
+    return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--random", choices=sorted(SHAPES), help="randomly initialised model of this shape")
+    ap.add_argument("--tokenizer", help="tokenizer folder for --random")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("-k", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-plain", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    from qprobe.datasets import mbpp_rows
+    from qprobe.embedders.hf import HFEmbedder
+    from qprobe.hfmodel import completion_ids, pick_device_dtype, prompt_ids
+    from qprobe.samplers.hf import HFSampler
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = pick_device_dtype(args.device, args.dtype)
+    dtype_name = str(dtype).replace("torch.", "")
+    name = build_random(args.random, args.tokenizer, device, dtype_name) if args.random else args.model
+    from qprobe import hfmodel
+
+    model, tok = hfmodel.load_model(name, device, dtype_name)
+    rows = mbpp_rows(ROOT / "data" / "mbpp" / "mbpp.jsonl", splits=["test"], limit=args.prompts)
+    settings = dict(temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens, code_block=True)
+    res = {"model": name, "device": str(device), "dtype": dtype_name, "threads": torch.get_num_threads(),
+           "prompts": len(rows), "k": args.k, "max_new_tokens": args.max_new_tokens}
+
+    def timed(fn):
+        sync(device)
+        t = time.perf_counter()
+        v = fn()
+        sync(device)
+        return v, time.perf_counter() - t
+
+    def sampler(**kw):
+        return HFSampler(name, batch_size=args.batch_size, device=args.device, dtype=dtype_name, **{**settings, **kw})
+
+    # warm-up at full batch (allocators, kernels), then alternate plain/capture runs and keep the best of two
+    sampler(max_new_tokens=8).sample(rows, k=args.k, progress=False)
+    runs = {"off": [], "on": []}
+    for _ in range(2):
+        out, t = timed(lambda: sampler().sample(rows, k=args.k, progress=False))
+        runs["off"].append(t)
+        _, t = timed(lambda: sampler(capture=[(-1, "last")]).sample(rows, k=args.k, progress=False))
+        runs["on"].append(t)
+    t_b, t_c = min(runs["off"]), min(runs["on"])
+    texts = [r["completion"] for r in out]
+    n_tok = useful_tokens(tok, texts)
+    res.update(batched_s=t_b, useful_tokens=n_tok, batched_tok_s=n_tok / t_b)
+    print(f"batched sampler : {n_tok} useful tokens in {t_b:.1f}s = {n_tok / t_b:.0f} tok/s", flush=True)
+    res.update(capture_s=t_c, capture_overhead=t_c / t_b - 1)
+    print(f"with features   : {t_c:.1f}s, overhead {100 * (t_c / t_b - 1):+.1f}%", flush=True)
+
+    if not args.skip_plain:
+        with torch.inference_mode():
+            plain, t_p = timed(lambda: plain_loop(model, tok, rows, args.k, args.max_new_tokens, 0.8, 0.95, device))
+        n_p = useful_tokens(tok, plain)
+        res.update(plain_s=t_p, plain_tokens=n_p, plain_tok_s=n_p / t_p, speedup=(n_tok / t_b) / (n_p / t_p))
+        print(f"plain generate  : {n_p} useful tokens in {t_p:.1f}s = {n_p / t_p:.0f} tok/s; "
+              f"batched is {res['speedup']:.2f}x", flush=True)
+
+    # feature extraction vs a bare forward pass of the same rows, same batches
+    items = [(r["prompt"], r["completion"]) for r in out]
+    emb = HFEmbedder(name, layer=-1, pooling="last", batch_size=16, device=args.device, dtype=dtype_name)
+    order = sorted(range(len(items)), key=lambda i: len(str(items[i][0])) + len(items[i][1]))  # as Embedder.embed
+    seqs = [prompt_ids(tok, items[i][0]) + completion_ids(tok, items[i][1]) for i in order]
+    n_in = sum(map(len, seqs))
+
+    def bare():
+        base = model.get_decoder()
+        with torch.inference_mode():
+            for s in range(0, len(seqs), 16):
+                b = seqs[s : s + 16]
+                T = max(map(len, b))
+                ids = torch.full((len(b), T), tok.pad_token_id, dtype=torch.long)
+                m = torch.zeros((len(b), T), dtype=torch.long)
+                for r, x in enumerate(b):
+                    ids[r, : len(x)] = torch.tensor(x)
+                    m[r, : len(x)] = 1
+                base(input_ids=ids.to(model.device), attention_mask=m.to(model.device), output_hidden_states=True)
+
+    bare()  # warm-up
+    emb.embed(items[:16], progress=False)
+    t_e = min(timed(lambda: emb.embed(items, progress=False))[1] for _ in range(2))
+    t_f = min(timed(bare)[1] for _ in range(2))
+    res.update(embed_s=t_e, bare_forward_s=t_f, input_tokens=n_in, embed_tok_s=n_in / t_e, bare_tok_s=n_in / t_f,
+               extraction_vs_bare=(n_in / t_e) / (n_in / t_f))
+    print(f"embed           : {n_in} input tokens in {t_e:.1f}s = {n_in / t_e:.0f} tok/s; bare forward "
+          f"{n_in / t_f:.0f} tok/s ({100 * res['extraction_vs_bare']:.0f}% of bare)", flush=True)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
