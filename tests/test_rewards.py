@@ -187,3 +187,11 @@ def test_score_rows_names_the_bad_row():
     rows = [{"id": "a", "completion": "x", "reference": "x"}, {"id": "b", "completion": "x"}]
     with pytest.raises(QProbeError, match="id='b' has no 'reference'"):
         score_rows(rows, "match", workers=2, progress=False)
+
+
+def test_extract_code_bare_code_closed_by_an_unopened_fence():
+    from qprobe.rewards.code import extract_code
+
+    assert extract_code("def f():\n    return 1\n```\n\nThis function returns 1.") == "def f():\n    return 1\n"
+    # prose before an untagged block is not code: the block wins
+    assert extract_code("Here is code\n```\ndef f():\n    return 1\n```\n") == "def f():\n    return 1\n"

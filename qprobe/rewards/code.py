@@ -59,6 +59,17 @@ def extract_code(completion: str) -> str:
         after the opening fence if that block is never closed; or
         ``completion`` unchanged when it has no such fence.
     """
+    first = _FENCE_OPEN.search(completion)
+    if first is not None and first.group(1) == "" and completion[: first.start()].strip():
+        # bare code closed by a fence it never opened ("def f(): ...\n```\nThis function..."):
+        # keep the code before the fence when it is valid Python (compile only parses, never runs it)
+        head = completion[: first.start()]
+        if re.search(r"^(def |class |import |from |@)", head, re.MULTILINE):
+            try:
+                compile(head, "<completion>", "exec")
+                return head
+            except Exception:  # SyntaxError, ValueError, RecursionError, MemoryError on hostile input
+                pass
     pos = 0
     while True:
         opening = _FENCE_OPEN.search(completion, pos)

@@ -1,0 +1,49 @@
+"""Load the committed MBPP benchmark data: sampled rows, rewards and features, aligned.
+
+    data/mbpp/shards/<chunk>.rows.jsonl.gz   completions (experiments/mbpp_sample.py)
+    data/mbpp/shards/<chunk>.feats.npz       float16 features of three extractors, same row order
+    data/mbpp/rewards.jsonl.gz               reward + reason per (prompt_id, sample) (experiments/mbpp_reward.py)
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "mbpp"
+SHARDS = DATA / "shards"
+REWARDS = DATA / "rewards.jsonl.gz"
+
+
+def shard_names(kind: str | None = None) -> list[str]:
+    """Finished chunks (a chunk is finished when its rows file exists), optionally of one kind (test/train/greedy)."""
+    names = sorted(p.name[: -len(".rows.jsonl.gz")] for p in SHARDS.glob("*.rows.jsonl.gz"))
+    return [n for n in names if kind is None or n.startswith(kind + "-")]
+
+
+def read_gz_jsonl(path: Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load(kind: str | None = None, with_rewards: bool = True):
+    """(rows, {extractor name: float32 features}) for the finished chunks of `kind`."""
+    rows, feats = [], {}
+    for name in shard_names(kind):
+        rows += read_gz_jsonl(SHARDS / f"{name}.rows.jsonl.gz")
+        with np.load(SHARDS / f"{name}.feats.npz") as z:
+            for key in z.files:
+                feats.setdefault(key, []).append(z[key])
+    feats = {k: np.concatenate(v).astype(np.float32) for k, v in feats.items()}
+    if with_rewards:
+        rewards = {(r["prompt_id"], r["sample"]): r for r in read_gz_jsonl(REWARDS)} if REWARDS.exists() else {}
+        missing = [r for r in rows if (r["prompt_id"], r["sample"]) not in rewards]
+        if missing:
+            raise SystemExit(f"{len(missing)} rows have no reward yet: run python experiments/mbpp_reward.py")
+        for r in rows:
+            got = rewards[(r["prompt_id"], r["sample"])]
+            r["reward"], r["reward_reason"] = got["reward"], got["reward_reason"]
+    return rows, feats
