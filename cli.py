@@ -56,6 +56,11 @@ def model_options(fn):
         click.option("--device", default=None, help="torch device [default: cuda if present, else cpu]."),
         click.option("--dtype", default=None, help="torch dtype [default: bfloat16 on cuda, float32 on cpu]."),
         click.option("--batch-size", type=click.IntRange(1), default=None, help="Rows per model or API batch."),
+        click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
+                     help="API: seconds per HTTP attempt."),
+        click.option("--max-retries", type=click.IntRange(0), default=6, show_default=True,
+                     help="API: retries per request, with exponential backoff from 0.5 s (a refused "
+                          "connection is reported after 15-30 s at the default; 0: at once)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -117,25 +122,27 @@ def prompts(dataset, source, output, splits, limit):
 @click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--code-block/--no-code-block", default=False, show_default=True,
-              help="Stop when the first fenced code block closes.")
+              help="Stop when the first fenced code block closes (local models).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--capture", multiple=True, metavar="LAYER:POOLING",
               help="Local models: also keep these features from the sampling pass (e.g. -1:last), so a later "
                    "`qprobe embed` with the same --layer/--pooling costs no forward pass.")
 @cache_options
 @user_errors
-def sample(prompts_file, output, model, api_base, api_model, api_key, device, dtype, batch_size, k, temperature,
-           top_p, max_new_tokens, stop, code_block, seed, capture, cache_dir, no_cache):
+def sample(prompts_file, output, model, api_base, api_model, api_key, device, dtype, batch_size, request_timeout,
+           max_retries, k, temperature, top_p, max_new_tokens, stop, code_block, seed, capture, cache_dir, no_cache):
     """Draw k completions per prompt from a local model or an OpenAI-compatible API."""
     from qprobe.pipeline import sample_file
     from qprobe.samplers import get_sampler
 
-    settings = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop=list(stop),
-                    code_block=code_block)
+    settings = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop=list(stop))
     if _backend(model, api_base, api_model) == "api":
         if capture:
             raise QProbeError("--capture works with local models only")
-        spec = dict(kind="api", api_base=api_base, model=api_model, api_key=api_key, **settings)
+        if code_block:
+            raise QProbeError("--code-block works with local models only; give the API a --stop string instead")
+        spec = dict(kind="api", api_base=api_base, model=api_model, api_key=api_key, timeout=request_timeout,
+                    max_retries=max_retries, **settings)
     else:
         caps = []
         for c in capture:
@@ -145,7 +152,7 @@ def sample(prompts_file, output, model, api_base, api_model, api_key, device, dt
             except ValueError:
                 raise QProbeError(f"--capture {c!r}: expected LAYER:POOLING, e.g. -1:last") from None
         spec = dict(kind="hf", model=model or "smollm2-135m", device=device, dtype=dtype, batch_size=batch_size,
-                    capture=caps, **settings)
+                    capture=caps, code_block=code_block, **settings)
     rows = sample_file(prompts_file, output, get_sampler(spec), k=k, seed=seed, cache=make_cache(cache_dir, no_cache))
     click.echo(f"wrote {len(rows)} completions to {output}", err=True)
 
@@ -184,8 +191,8 @@ def reward(completions, output, kind, timeout, workers, cache_dir, no_cache):
               help="Use a sentence-embedding model instead (e.g. all-MiniLM-L6-v2).")
 @cache_options
 @user_errors
-def embed(completions, output, model, api_base, api_model, api_key, device, dtype, batch_size, layer, pooling,
-          sentence_model, cache_dir, no_cache):
+def embed(completions, output, model, api_base, api_model, api_key, device, dtype, batch_size, request_timeout,
+          max_retries, layer, pooling, sentence_model, cache_dir, no_cache):
     """Features of each (prompt, completion) row, aligned with the rows."""
     from qprobe.embedders import get_embedder
     from qprobe.pipeline import embed_file
@@ -196,7 +203,7 @@ def embed(completions, output, model, api_base, api_model, api_key, device, dtyp
         spec = dict(kind="sentence", model=sentence_model, device=device, batch_size=batch_size)
     elif _backend(model, api_base, api_model) == "api":
         spec = dict(kind="api", api_base=api_base, model=api_model, api_key=api_key, batch_size=batch_size,
-                    pooling="mean" if pooling == "mean" else "last")
+                    pooling="mean" if pooling == "mean" else "last", timeout=request_timeout, max_retries=max_retries)
     else:
         spec = dict(kind="hf", model=model or "smollm2-135m", layer=layer, pooling=pooling, device=device,
                     dtype=dtype, batch_size=batch_size)

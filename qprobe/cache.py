@@ -83,6 +83,9 @@ class Cache:
     def __len__(self) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM kv").fetchone()[0]
 
+    def __bool__(self) -> bool:  # an empty cache is still a cache (`cache or default` must keep it)
+        return True
+
     @staticmethod
     def null() -> "Cache":
         return NullCache()

@@ -66,23 +66,37 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
 def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     """Yield the rows of a JSONL file (plain or .gz); blank lines are skipped.
 
-    Raises QProbeError naming the file and line for a missing file, bad encoding,
-    malformed JSON or a line that is not a JSON object.
+    Raises QProbeError naming the file and line for a missing file, a corrupt
+    .gz, bad encoding, malformed JSON or a line that is not a JSON object. A
+    UTF-8 byte-order mark at the start is accepted.
     """
     path = Path(path)
     if not path.exists():
         raise QProbeError(f"{path}: no such file")
+    if path.is_dir():
+        raise QProbeError(f"{path}: is a folder, not a JSONL file")
     opener = open
     if path.suffix == ".gz":
         import gzip
 
         opener = gzip.open  # type: ignore[assignment]
     with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        lineno = 0
+        while True:
+            try:
+                raw = f.readline()
+            except (EOFError, OSError) as e:  # gzip: truncated stream, not gzip at all, bad CRC
+                what = "corrupt or truncated gzip data" if path.suffix == ".gz" else "cannot be read"
+                raise QProbeError(f"{path}:{lineno + 1}: {what} ({e})") from None
+            if not raw:
+                break
+            lineno += 1
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise QProbeError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            if lineno == 1 and line.startswith("\ufeff"):  # a UTF-8 byte-order mark (Windows editors)
+                line = line[1:]
             if not line.strip():
                 continue
             try:

@@ -98,7 +98,7 @@ def reward_file(src, dst, kind: str, cache: Cache | None = None, workers=None, t
     rows = read_completions(src)
     identity = {"reward": kind, "timeout": timeout}
     keys = [make_key(identity, {k: v for k, v in r.items() if k not in ("reward", "reward_reason")}) for r in rows]
-    cache = cache or Cache.null()
+    cache = cache if cache is not None else Cache.null()  # not `cache or`: an empty Cache has len 0
     done = cache.get_json(set(keys))
     todo = [i for i, key in enumerate(keys) if key not in done]
     from tqdm.auto import tqdm
@@ -145,11 +145,14 @@ def train_file(rows_path, features_path, out_dir, where=None, **probe_params):
     return probe, len(rows)
 
 
-def _load_probe_for(probe_dir, X, meta):
+def _load_probe_for(probe_dir, X, meta, features_path):
     from qprobe.probe import QProbe
 
     probe = QProbe.load(probe_dir)
-    probe.check_features(X.shape[1], meta.get("extractor"))
+    try:
+        probe.check_features(X.shape[1], meta.get("extractor"))
+    except QProbeError as e:  # name both files: which features, which probe
+        raise QProbeError(f"{features_path} does not fit the probe in {probe_dir}: {e}") from None
     return probe
 
 
@@ -158,7 +161,7 @@ def rerank_file(rows_path, features_path, probe_dir, dst, beta=None, seed=None, 
     X, meta = load_features(features_path, rows)
     idx = select_rows(rows, where, rows_path)
     rows, X = [rows[i] for i in idx], X[idx]
-    probe = _load_probe_for(probe_dir, X, meta)
+    probe = _load_probe_for(probe_dir, X, meta, features_path)
     q = probe.predict(X)
     chosen = probe.select(X, group_ids(rows), beta=beta, random_state=seed)
     out = [{**rows[i], "q": float(q[i])} for i in chosen]
@@ -174,7 +177,7 @@ def eval_file(rows_path, features_path, probe_dir, k=None, beta=None, where=None
     if k is not None:
         keep = [i for i, r in enumerate(rows) if int(r["sample"]) < k]
         rows, X = [rows[i] for i in keep], X[keep]
-    probe = _load_probe_for(probe_dir, X, meta)
+    probe = _load_probe_for(probe_dir, X, meta, features_path)
     b = probe.beta if beta is None else beta
     q = probe.predict(X)
     y = np.array([r["reward"] for r in rows])

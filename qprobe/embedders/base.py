@@ -58,27 +58,79 @@ class Embedder:
             first.setdefault(keys[i], i)
         # similar lengths batch together: less padding for local models
         pending = sorted(first.values(), key=lambda i: len(str(items[i][0])) + len(items[i][1]))
+        # A backend with `concurrency` > 1 (an API) gets its batch in that many parts on as many
+        # threads, and each part is cached as soon as it is back: a killed run never repeats a
+        # request that had finished.
+        workers = max(1, int(getattr(self, "concurrency", 1)))
+        step = max(1, -(-bs // workers))
+        batches = [pending[s : s + step] for s in range(0, len(pending), step)]
         self.n_computed = len(pending)
-        with tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="row", disable=not progress, leave=False) as bar:
-            for s in range(0, len(pending), bs):
-                idx = pending[s : s + bs]
-                out = np.asarray(self.embed_batch([items[i] for i in idx]), dtype=np.float32)
-                if out.ndim != 2 or out.shape[0] != len(idx):
-                    raise QProbeError(
-                        f"{self.identity().get('model')}: embedder returned shape {out.shape} for {len(idx)} inputs"
-                    )
-                if not np.isfinite(out).all():
-                    raise QProbeError(f"{self.identity().get('model')}: embedder returned NaN or infinite features")
+        n_cached = len(items) - len(todo)
+
+        def run(idx: list[int]) -> np.ndarray:
+            out = np.asarray(self.embed_batch([items[i] for i in idx]), dtype=np.float32)
+            if out.ndim != 2 or out.shape[0] != len(idx):
+                raise QProbeError(
+                    f"{self.identity().get('model')}: embedder returned shape {out.shape} for {len(idx)} inputs"
+                )
+            if not np.isfinite(out).all():
+                raise QProbeError(f"{self.identity().get('model')}: embedder returned NaN or infinite features")
+            return out
+
+        with tqdm(total=len(items), initial=n_cached, desc=desc, unit="row", disable=not progress, leave=False) as bar:
+            def commit(idx: list[int], out: np.ndarray) -> None:
+                nonlocal n_cached
                 new = {keys[i]: out[j] for j, i in enumerate(idx)}
                 cache.put_vectors(new)
                 found.update(new)
-                bar.update(sum(1 for i in todo if keys[i] in new))
+                n = sum(1 for i in todo if keys[i] in new)
+                n_cached += n
+                bar.update(n)
+
+            try:
+                if workers == 1:
+                    for idx in batches:
+                        commit(idx, run(idx))
+                else:
+                    _run_threads(run, commit, batches, workers)
+            except QProbeError as e:
+                if n_cached and not isinstance(cache, NullCache):
+                    raise QProbeError(f"{e} [{n_cached} of {len(items)} rows are cached; rerun to resume]") from None
+                raise
         if not items:
             return np.zeros((0, 0), dtype=np.float32)
         dims = {found[k].shape[0] for k in keys}
         if len(dims) != 1:
             raise QProbeError(f"cache holds features of several sizes {sorted(dims)} for one embedder; clear the cache")
         return np.stack([found[k] for k in keys]).astype(np.float32)
+
+
+def _run_threads(run, commit, batches, workers: int) -> None:
+    """`commit(idx, run(idx))` for every batch, `workers` at a time; commits happen in this thread.
+
+    After the first failure no further batch starts; batches already running finish
+    and are committed, then the failure is raised.
+    """
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qprobe-embed")
+    error = None
+    try:
+        futures = {pool.submit(run, idx): idx for idx in batches}  # future -> its batch
+        for fut in as_completed(futures):
+            if fut.cancelled():
+                continue
+            if fut.exception() is not None:
+                if error is None:
+                    error = fut.exception()
+                    for other in futures:
+                        other.cancel()
+                continue
+            commit(futures[fut], fut.result())
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    if error is not None:
+        raise error
 
 
 def get_embedder(spec: dict) -> Embedder:

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Sequence
 from tqdm.auto import tqdm
 
 from qprobe.cache import Cache, NullCache, make_key
+from qprobe.errors import QProbeError
 
 Prompt = Any  # a string, or a list of {"role", "content"} chat messages
 
@@ -42,6 +43,8 @@ class Sampler:
         """Yield (job index, result) as each finishes, in any order.
 
         result: {"completion": str, "finish_reason": str, ...}. The one method a backend writes.
+        Results that finish together (one API request) may be yielded as one list of
+        (job index, result) pairs; they are then cached atomically.
         """
         raise NotImplementedError
 
@@ -76,15 +79,28 @@ class Sampler:
         pending = list(first.values())
         self.n_computed = 0
         with tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="sample", unit="completion", disable=not progress) as bar:
-            for local, result in self.sample_stream([jobs[i] for i in pending]) if pending else ():
-                key = keys[pending[local]]
-                feats = result.pop("_features", None)  # features taken during sampling, keyed for an embedder
-                if feats:
-                    cache.put_vectors(feats)
-                cache.put_json({key: result})
-                done[key] = result
-                self.n_computed += 1
-                bar.update(1)
+            try:
+                for item in self.sample_stream([jobs[i] for i in pending]) if pending else ():
+                    # a backend may yield a list of (index, result) that came back together (one API
+                    # request with n > 1): they are cached in one transaction, so a kill never keeps
+                    # half of a finished request
+                    group = item if isinstance(item, list) else [item]
+                    new, feats = {}, {}
+                    for local, result in group:
+                        feats.update(result.pop("_features", None) or {})  # features taken during sampling
+                        new[keys[pending[local]]] = result
+                    if feats:
+                        cache.put_vectors(feats)
+                    cache.put_json(new)
+                    done.update(new)
+                    self.n_computed += len(new)
+                    bar.update(len(new))
+            except QProbeError as e:
+                n_cached = len(jobs) - len(pending) + self.n_computed
+                if n_cached and not isinstance(cache, NullCache):
+                    raise QProbeError(
+                        f"{e} [{n_cached} of {len(jobs)} completions are cached; rerun to resume]") from None
+                raise
         out = []
         for (row, s), key in zip(((r, s) for r in prompt_rows for s in range(k)), keys):
             res = done[key]
@@ -94,8 +110,6 @@ class Sampler:
 
 def get_sampler(spec: dict) -> Sampler:
     """Build a sampler from a CLI-style spec dict: kind ("hf" | "api") plus backend options."""
-    from qprobe.errors import QProbeError
-
     kind = spec.get("kind", "hf")
     opts = {k: v for k, v in spec.items() if k != "kind" and v is not None}
     if kind == "hf":
