@@ -33,7 +33,7 @@ def load(kind: str | None = None, with_rewards: bool = True):
     """(rows, {extractor name: float32 features}) for the finished chunks of `kind`."""
     rows, feats = [], {}
     for name in shard_names(kind):
-        rows += read_gz_jsonl(SHARDS / f"{name}.rows.jsonl.gz")
+        rows += [{**r, "chunk": name} for r in read_gz_jsonl(SHARDS / f"{name}.rows.jsonl.gz")]
         with np.load(SHARDS / f"{name}.feats.npz") as z:
             for key in z.files:
                 feats.setdefault(key, []).append(z[key])
