@@ -471,7 +471,7 @@ def concurrent_embeds(work, n_rows: int = 200, timeout: float = 120) -> dict:
 # ------------------------------------------------------------------ scenario: hostile inputs
 def _hostile_files(d: Path, model_dir: str | None) -> list[tuple[str, list, str | None]]:
     """(what, CLI args, text the error must contain, or None if the input must be accepted)."""
-    import hashlib
+    from qprobe.probe import _digest
     import pickle
     import shutil
 
@@ -564,12 +564,13 @@ def _hostile_files(d: Path, model_dir: str | None) -> list[tuple[str, list, str 
     w[-9] ^= 0x10
     (p / "probe.safetensors").write_bytes(bytes(w))
     cases.append(("probe weights edited by hand", ["eval", good, d / "good.npy", "--probe", p],
-                  "probe.safetensors does not match the checksum"))
+                  "do not match the checksum"))
     p = probe_copy("probe-edited-config")
     cfg = json.loads((p / "config.json").read_text())
     cfg["n_features"] = 9
     (p / "config.json").write_text(json.dumps(cfg))
-    cases.append(("probe config edited by hand", ["eval", good, d / "good.npy", "--probe", p], "expected (9,)"))
+    cases.append(("probe config edited by hand", ["eval", good, d / "good.npy", "--probe", p],
+                  "do not match the checksum"))
     p = probe_copy("probe-broken-config")
     (p / "config.json").write_text('{"format": "qprobe-probe v1", ')
     cases.append(("probe config not JSON", ["eval", good, d / "good.npy", "--probe", p],
@@ -583,7 +584,7 @@ def _hostile_files(d: Path, model_dir: str | None) -> list[tuple[str, list, str 
     blob = pickle.dumps(Payload())
     (p / "probe.safetensors").write_bytes(blob)
     cfg = json.loads((p / "config.json").read_text())
-    cfg["sha256"] = hashlib.sha256(blob).hexdigest()  # a forger fixes the checksum too
+    cfg["sha256"] = _digest(blob, cfg)  # a forger fixes the checksum too
     (p / "config.json").write_text(json.dumps(cfg))
     cases.append(("probe carrying a pickle payload", ["eval", good, d / "good.npy", "--probe", p],
                   "probe-pickle is not a valid probe"))
@@ -597,7 +598,7 @@ def _hostile_files(d: Path, model_dir: str | None) -> list[tuple[str, list, str 
             d / "o.npy", "--model", model_dir, "--no-cache"], "exceeds the model's context of 512 tokens"))
         cases.append(("unknown model folder", ["sample", variant("one.jsonl", json.dumps(huge) + "\n"), "-o",
                                                d / "o.jsonl", "--model", d / "no-such-model", "--no-cache"],
-                      "cannot load model"))
+                      "no such folder or file"))
     return cases
 
 

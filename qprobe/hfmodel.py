@@ -43,6 +43,8 @@ def resolve_model(name: str) -> tuple[str, dict]:
         if p.is_file() and p.suffix == ".gguf":
             return str(p.parent), {"gguf_file": p.name}
         return str(p), {}
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
+        raise QProbeError(f"--model {name}: no such folder or file")
     return name, {}
 
 

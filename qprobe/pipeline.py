@@ -91,12 +91,12 @@ def sample_file(src, dst, sampler, k: int, seed: int = 0, cache: Cache | None = 
 
 
 def reward_file(src, dst, kind: str, cache: Cache | None = None, workers=None, timeout: float = 3.0,
-                progress=True, chunk: int = 64) -> list[dict]:
+                progress=True, chunk: int = 16) -> list[dict]:
     """Score every row; results are cached in chunks, so a killed run resumes."""
-    from qprobe.rewards import score_rows
+    from qprobe.rewards import REWARDS_VERSION, score_rows
 
     rows = read_completions(src)
-    identity = {"reward": kind, "timeout": timeout}
+    identity = {"reward": kind, "timeout": timeout, "version": REWARDS_VERSION}  # new version: old cached scores unused
     keys = [make_key(identity, {k: v for k, v in r.items() if k not in ("reward", "reward_reason")}) for r in rows]
     cache = cache if cache is not None else Cache.null()  # not `cache or`: an empty Cache has len 0
     done = cache.get_json(set(keys))

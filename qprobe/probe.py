@@ -583,6 +583,15 @@ FORMAT = "qprobe-probe v1"
 _CONFIG, _WEIGHTS = "config.json", "probe.safetensors"
 
 
+def _digest(blob: bytes, config: dict) -> str:
+    """sha256 over the weights and every config field but the checksum: a hand edit of either is refused."""
+    import hashlib
+    import json
+
+    rest = json.dumps({k: v for k, v in config.items() if k != "sha256"}, sort_keys=True).encode()
+    return hashlib.sha256(blob + b"\0" + rest).hexdigest()
+
+
 def _jsonable(v):
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
@@ -614,8 +623,8 @@ def _save_probe(probe, path):
         "hidden": probe.hidden,
         "params": {k: _jsonable(v) for k, v in probe.get_params().items()},
         "embedder": probe.embedder_,
-        "sha256": hashlib.sha256(blob).hexdigest(),
     }
+    config["sha256"] = _digest(blob, config)
     try:
         text = json.dumps(config, indent=2, sort_keys=True)
     except (TypeError, ValueError) as err:
@@ -661,8 +670,9 @@ def _load_probe(cls, path):
     if fmt != FORMAT:
         raise QProbeError(f"{cfg_path} has format {fmt!r}; this qprobe reads {FORMAT!r} only")
     blob = w_path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != cfg.get("sha256"):
-        raise QProbeError(f"{w_path} does not match the checksum in {_CONFIG}: the file is corrupt or was edited")
+    if _digest(blob, cfg) != cfg.get("sha256"):
+        raise QProbeError(f"{path}: weights or config do not match the checksum in {_CONFIG}: "
+                          "the probe is corrupt or was edited by hand")
     try:
         t = st_load(blob)
         params = dict(cfg["params"])

@@ -258,7 +258,7 @@ def test_user_errors_as_subprocess(tmp_path):
 
 def test_unknown_model_is_one_line_and_does_not_hang(tmp_path, prompts_file):
     assert error("embed", jsonl(tmp_path / "rows.jsonl", MBPP_ROWS), "-o", tmp_path / "X.npy", "--model",
-                 "/nonexistent", "--no-cache").startswith("Error: cannot load model '/nonexistent'")
+                 "/nonexistent", "--no-cache").startswith("Error: --model /nonexistent: no such folder or file")
     t0 = time.monotonic()  # a hub id not in the local cache: HF_HUB_OFFLINE=1 (cli_env) fails it at once
     model = "bogus-org/no-such-model-xyz"
     p = run_cli(["sample", prompts_file, "-o", tmp_path / "c.jsonl", "--model", model, "-k", 1, "--no-cache"],

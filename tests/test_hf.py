@@ -109,8 +109,10 @@ def test_unknown_model_is_one_clear_error(monkeypatch):
     from qprobe.hfmodel import load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(QProbeError, match="cannot load model"):
+    with pytest.raises(QProbeError, match="no such folder or file"):
         load_model("/nonexistent/model-folder")
+    with pytest.raises(QProbeError, match="cannot load model"):
+        load_model("no-such-org/no-such-model")
 
 
 @pytest.mark.slow

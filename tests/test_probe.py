@@ -1,6 +1,5 @@
 """QProbe against reference answers: closed-form ridge, sklearn logistic regression,
 selection on data with a known Q, file round trips and refusals, the sklearn contract."""
-import hashlib
 import json
 import pickle
 import subprocess
@@ -8,6 +7,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from qprobe.probe import _digest
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import parametrize_with_checks
@@ -182,13 +183,15 @@ def _rewrite_weights(path, tensors):
     blob = save(tensors)
     (path / "probe.safetensors").write_bytes(blob)
     cfg = json.loads((path / "config.json").read_text())
-    cfg["sha256"] = hashlib.sha256(blob).hexdigest()
+    cfg["sha256"] = _digest(blob, cfg)  # an attacker who recomputes the checksum: later checks must still hold
     (path / "config.json").write_text(json.dumps(cfg))
 
 
-def _edit_config(path, **changes):
+def _edit_config(path, rehash=True, **changes):
     cfg = json.loads((path / "config.json").read_text())
     cfg.update(changes)
+    if rehash:
+        cfg["sha256"] = _digest((path / "probe.safetensors").read_bytes(), cfg)
     (path / "config.json").write_text(json.dumps(cfg))
 
 
@@ -201,6 +204,8 @@ class _Boom:
     "corrupt,match",
     [
         (lambda p: _edit_config(p, format="qprobe-probe v2"), "format"),
+        (lambda p: _edit_config(p, rehash=False, beta=5.0), "checksum"),
+        (lambda p: _edit_config(p, rehash=False, embedder={"kind": "hf", "model": "other"}), "checksum"),
         (lambda p: (p / "config.json").write_bytes(pickle.dumps(_Boom())), "not a qprobe config"),
         (lambda p: (p / "probe.safetensors").write_bytes(pickle.dumps(_Boom())), "checksum"),
         (lambda p: _rewrite_weights(p, {"payload": np.frombuffer(pickle.dumps(_Boom()), np.uint8).copy()}), "tensors"),

@@ -154,6 +154,8 @@ def code_reward(row: dict, timeout: float = 3.0, *, backend: str | None = None) 
         ``passed`` or the sandbox's reason (``failed: AssertionError``,
         ``timeout``, ``syntax error``, ...).
     """
+    if not str(row.get("completion", "")).strip():
+        return 0.0, "empty completion"
     token = secrets.token_hex(16)
     program = (build_program(row)
                + f"\nimport sys as _qprobe_sys\n_qprobe_sys.stdout.write('\\n{token}\\n')\n"

@@ -144,7 +144,6 @@ class OpenAISampler(Sampler):
             for idx in by_prompt.values():
                 submit(idx)
             for idx, results in pool.results():
-                for i, res in zip(idx, results):
-                    yield i, res
+                yield list(zip(idx, results))  # one request's choices are cached together
                 if len(results) < len(idx):  # fewer choices than n: top up the rest
                     submit(idx[len(results):])
