@@ -40,8 +40,13 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_output(tmp_path, command):
     assert r["identical"] and r["lost"] == 0 and r["duplicated"] == 0, r
     assert r["repeated"] == 0 and r["extra_rerun"] == 0, r  # no finished call was made again
     assert r["recovered"] == r["cached_at_kill"][-1] > 0, r
-    if command == "reward":  # rewards are cached per chunk of 64 rows: a kill loses less than one chunk
-        assert all(n % 64 == 0 for n in r["cached_at_kill"]) and r["redone"] < 64 * len(r["cached_at_kill"]), r
+    if command == "reward":  # rewards are cached per chunk of rows: a kill loses less than one chunk
+        import inspect
+
+        from qprobe.pipeline import reward_file
+
+        chunk = inspect.signature(reward_file).parameters["chunk"].default
+        assert all(n % chunk == 0 for n in r["cached_at_kill"]) and r["redone"] < chunk * len(r["cached_at_kill"]), r
 
 
 # ------------------------------------------------------------------ a faulty server

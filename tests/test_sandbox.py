@@ -196,7 +196,9 @@ def test_escaped_child_is_killed(backend):
 HOSTILE = {
     "infinite loop": ("while True:\n    pass", {"timeout"}),
     "memory bomb": ("x = [0] * 10**9", {"memory"}),
-    "output bomb": ("while True:\n    print('x' * 100000)", {"output limit"}),
+    # on a loaded machine the interpreter may not start within the short batch timeout;
+    # test_output_bomb_is_cut_short checks the "output limit" reason itself
+    "output bomb": ("while True:\n    print('x' * 100000)", {"output limit", "timeout"}),
     "kill parent": ("import os\nos.kill(os.getppid(), 9)", {"failed: PermissionError: [Errno 1] Operation not permitted"}),
     "exit early": ("import sys\nsys.exit(0)", {"failed: exited before the tests finished"}),
     "exit from atexit": ("import atexit, os\natexit.register(lambda: os._exit(0))",
