@@ -19,21 +19,10 @@ def tiny_model_dir(tmp_path_factory):
     Exercises the "any local path" branch of the loaders at a fraction of the cost.
     """
     pytest.importorskip("transformers")
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from fault_report import tiny_model
 
-    from qprobe.hfmodel import resolve_model
-
-    path, extra = resolve_model("smollm2-135m")
-    tok = AutoTokenizer.from_pretrained(path, **extra)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok.save_pretrained(out)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return str(out)
+    return tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
