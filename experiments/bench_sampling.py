@@ -68,7 +68,11 @@ def build_random(shape, tokenizer_dir, device, dtype):
 
 
 def plain_loop(model, tok, rows, k, max_new_tokens, temperature, top_p, device):
-    """The baseline: model.generate one prompt at a time (its k samples in one batch)."""
+    """The baseline: model.generate one prompt at a time (its k samples in one batch).
+
+    generate has no "code block closed" stop, so it runs to EOS or max_new_tokens; its
+    completions are then cut with the same rule as qprobe's, and only kept tokens count.
+    """
     import torch
 
     from qprobe.hfmodel import prompt_ids
@@ -78,8 +82,7 @@ def plain_loop(model, tok, rows, k, max_new_tokens, temperature, top_p, device):
     for r in rows:
         ids = torch.tensor([prompt_ids(tok, r["prompt"])], device=device)
         gen = model.generate(ids, do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                             num_return_sequences=k, pad_token_id=tok.pad_token_id, stop_strings=["\n```"],
-                             tokenizer=tok)
+                             num_return_sequences=k, pad_token_id=tok.pad_token_id)
         for g in gen[:, ids.shape[1]:]:
             out.append(truncate(tok.decode(g, skip_special_tokens=True), code_block=True)[0])
     return out
