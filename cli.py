@@ -290,8 +290,8 @@ def format_report(rep: dict) -> str:
 @click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--mbpp", "mbpp_path", default=None, type=click.Path(dir_okay=False),
               help="MBPP file [default: the copy shipped in data/mbpp/].")
-@click.option("--train-tasks", type=click.IntRange(2), default=40, show_default=True)
-@click.option("--test-tasks", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--train-tasks", type=click.IntRange(2), default=24, show_default=True)
+@click.option("--test-tasks", type=click.IntRange(1), default=12, show_default=True)
 @click.option("-k", type=click.IntRange(2), default=4, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(1), default=160, show_default=True)
 @click.option("--model", "-m", default="smollm2-135m", show_default=True)
