@@ -122,7 +122,7 @@ def main():
         variants = {}
         for name, key, hidden in [("layer 24, last token", "L24_last", None), ("layer 24, mean", "L24_mean", None),
                                   ("layer 30, last, 2-layer head", args.features, 256)]:
-            runs = evaluate("pg", X_of(feats, key)[tr], y[tr], g[tr], X_of(feats, key)[te], y[te], g[te],
+            runs = evaluate("pg", feats[key][tr], y[tr], g[tr], feats[key][te], y[te], g[te],
                             max(1, args.seeds // 2), hidden)
             variants[name] = ms([r["pass1"] for r in runs])
         Xs = sentence_features(rows)
@@ -137,10 +137,6 @@ def main():
     print_table(res)
     if args.json:
         print(json.dumps(res))
-
-
-def X_of(feats, key):
-    return feats[key]
 
 
 def cv_score(obj, X, y, g, seed):

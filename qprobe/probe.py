@@ -601,7 +601,6 @@ def _jsonable(v):
 
 
 def _save_probe(probe, path):
-    import hashlib
     import json
     import os
     import shutil
@@ -652,7 +651,6 @@ def _save_probe(probe, path):
 
 
 def _load_probe(cls, path):
-    import hashlib
     import json
     from pathlib import Path
 
