@@ -133,7 +133,8 @@ def main():
 
     if args.plot:
         plot(curves, res, args.plot)
-        res["plot"] = str(Path(args.plot).relative_to(ROOT))
+        where = Path(args.plot).resolve()
+        res["plot"] = str(where.relative_to(ROOT)) if where.is_relative_to(ROOT) else str(where)
     print_table(res)
     if args.json:
         print(json.dumps(res))
