@@ -24,16 +24,12 @@ from mbpp_data import ROOT, load  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from qprobe import QProbe  # noqa: E402
+from qprobe.pipeline import group_ids  # noqa: E402
 from qprobe.select import selection_report  # noqa: E402
 
 BETAS = [0.0, 0.01, 0.03, 0.1, 0.3, 1.0]
 OBJECTIVES = ["mse", "ce", "pg"]
 K = 8
-
-
-def groups_of(rows):
-    ids = {}
-    return np.array([ids.setdefault(r["prompt_id"], len(ids)) for r in rows])
 
 
 def fit(objective, X, y, g, seed, hidden=None):
@@ -86,7 +82,7 @@ def main():
     samp = np.array([not r["chunk"].startswith("greedy-") for r in rows])  # greedy chunks: one T=0 sample
     n_sampled = int(samp.sum())
     y = np.array([r["reward"] for r in rows], dtype=float)
-    g = groups_of(rows)
+    g = group_ids(rows)
     tr = samp & np.isin(split, ["train", "validation"])
     te = samp & (split == "test")
     res = {"n_train_prompts": int(len(np.unique(g[tr]))), "n_test_prompts": int(len(np.unique(g[te]))), "k": K,

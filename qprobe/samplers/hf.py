@@ -104,7 +104,6 @@ class HFSampler(Sampler):
         import torch
 
         model, tok = load_model(self.model, self.device, self.dtype)
-        self._current_jobs = jobs
         layers = [norm_layer(model, l) for l, _ in self.capture]
         want_states = bool(self.capture)
         eos = model.generation_config.eos_token_id
@@ -182,7 +181,7 @@ class HFSampler(Sampler):
                     s.ids.append(t)
                 slots += new_slots
                 # a first token can already end a row (EOS, or max_new_tokens 1)
-                done, keep = self._retire(slots, tok, eos, layers, fed=False)
+                done, keep = self._retire(slots, jobs, tok, eos, layers, fed=False)
                 yield from done
                 slots, cache, mask, pos = _select(slots, keep, cache, mask, pos)
 
@@ -203,11 +202,11 @@ class HFSampler(Sampler):
             for s, t in zip(slots, drawn):
                 if s.final is None:
                     s.ids.append(t)
-            done, keep = self._retire(slots, tok, eos, layers, fed=True)
+            done, keep = self._retire(slots, jobs, tok, eos, layers, fed=True)
             yield from done
             slots, cache, mask, pos = _select(slots, keep, cache, mask, pos)
 
-    def _retire(self, slots, tok, eos, layers, fed: bool):
+    def _retire(self, slots, jobs, tok, eos, layers, fed: bool):
         """Results of finished slots, and the row indices of the slots that stay."""
         done, keep = [], []
         for r, s in enumerate(slots):
@@ -215,7 +214,7 @@ class HFSampler(Sampler):
             if res is None:
                 keep.append(r)
             else:
-                done.append(self._result(s, *res, layers))
+                done.append(self._result(s, jobs[s.job].prompt, *res, layers))
         return done, keep
 
     def _finished(self, s: _Slot, tok, eos, fed: bool):
@@ -239,7 +238,7 @@ class HFSampler(Sampler):
             return None
         return text, kept, reason
 
-    def _result(self, s: _Slot, text: str, kept: int, reason: str, layers) -> tuple[int, dict]:
+    def _result(self, s: _Slot, prompt, text: str, kept: int, reason: str, layers) -> tuple[int, dict]:
         res = {"completion": text, "finish_reason": reason, "n_tokens": kept}
         if self.capture:
             from qprobe.embedders.hf import hf_identity, pool_states
@@ -250,13 +249,11 @@ class HFSampler(Sampler):
             for li, ((layer_arg, pooling), layer) in enumerate(zip(self.capture, layers)):
                 st = states[:, li] if states is not None else None
                 vec = pool_states(st, s.prompt_state[li], pooling)
-                key = make_key(hf_identity(self.model, layer, pooling), [self._jobs_prompt(s), text])
+                key = make_key(hf_identity(self.model, layer, pooling), [prompt, text])
                 feats[key] = np.asarray(vec, dtype=np.float32)
             res["_features"] = feats
         return s.job, res
 
-    def _jobs_prompt(self, s):
-        return self._current_jobs[s.job].prompt
 
 
 def _select(slots, keep, cache, mask, pos):
