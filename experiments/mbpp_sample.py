@@ -1,6 +1,6 @@
 """Sample the MBPP benchmark data of the README's table: resumable, committed as it goes.
 
-    python experiments/mbpp_sample.py [--commit] [--limit-chunks N]
+    python experiments/mbpp_sample.py [--commit] [--limit-chunks N] [--worker I/N]
 
 Draws k=8 completions (T 0.8, top-p 0.95, 300 new tokens, stop when the code block
 closes) from SmolLM2-135M-Instruct for MBPP train+validation (464 prompts) and
@@ -79,6 +79,8 @@ def main():
     ap.add_argument("--limit-chunks", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--cache", default=str(ROOT / ".qprobe-cache"))
+    ap.add_argument("--worker", default="0/1", metavar="I/N",
+                    help="take every N-th unfinished chunk starting at I (run N processes, one per core)")
     args = ap.parse_args()
     import torch
 
@@ -86,6 +88,8 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     cache = Cache(args.cache)
     todo = [p for p in plan() if not (OUT / f"{p[0]}.rows.jsonl.gz").exists()]
+    i, n = map(int, args.worker.split("/"))
+    todo = todo[i::n]
     if args.limit_chunks:
         todo = todo[: args.limit_chunks]
     print(f"{len(todo)} chunks to sample", flush=True)
