@@ -223,19 +223,29 @@ where_option = click.option("--where", multiple=True, metavar="FIELD=V1,V2",
 @click.option("--objective", type=click.Choice(["mse", "ce", "pg", "pref"]), default="pg", show_default=True)
 @click.option("--beta", type=click.FloatRange(0), default=0.1, show_default=True, help="Selection temperature.")
 @click.option("--k", "chunk_k", type=click.IntRange(2), default=None, help="pg: chunk size [default: the probe's].")
-@click.option("--epochs", type=click.IntRange(1), default=None)
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Torch heads (pg, pref, MLP): passes over the data.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=None)
+@click.option("--alpha", type=click.FloatRange(0), default=None, help="Linear mse / ce: L2 penalty [default: 1].")
 @click.option("--hidden", type=click.IntRange(1), default=None, help="Hidden units of an MLP head [default: linear].")
+@click.option("--tune", "tune_folds", type=click.IntRange(2), default=None, metavar="FOLDS",
+              help="Choose --alpha (mse, ce) or --epochs (pg, pref, MLP) and --beta by FOLDS-fold "
+                   "cross-validation over prompts; recommended when positives are few.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @where_option
 @user_errors
-def train(rows, features, output, objective, beta, chunk_k, epochs, lr, hidden, seed, where):
+def train(rows, features, output, objective, beta, chunk_k, epochs, lr, alpha, hidden, tune_folds, seed, where):
     """Fit a Q-probe on rewarded rows and their features."""
     from qprobe.pipeline import train_file
 
+    if tune_folds and (alpha is not None or epochs is not None):
+        raise QProbeError("--tune chooses --alpha / --epochs itself: give --tune or them, not both")
     params = dict(objective=objective, beta=beta, random_state=seed, hidden=hidden)
-    params.update({k: v for k, v in dict(k=chunk_k, epochs=epochs, lr=lr).items() if v is not None})
-    _, n = train_file(rows, features, output, where=where, **params)
+    params.update({k: v for k, v in dict(k=chunk_k, epochs=epochs, lr=lr, alpha=alpha).items() if v is not None})
+    _, n, tuned = train_file(rows, features, output, where=where, tune_folds=tune_folds, **params)
+    if tuned:
+        chosen = ", ".join(f"{k} {v:g}" for k, v in tuned.params.items())
+        click.echo(f"cross-validation chose {chosen}, beta {tuned.beta:g} "
+                   f"(held-out expected reward {tuned.cv_reward:.3f})", err=True)
     click.echo(f"trained a {objective} probe on {n} rows; saved to {output}", err=True)
 
 

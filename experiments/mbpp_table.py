@@ -27,16 +27,9 @@ sys.path.insert(0, str(ROOT))
 from qprobe import QProbe  # noqa: E402
 from qprobe.pipeline import group_ids  # noqa: E402
 from qprobe.select import selection_report  # noqa: E402
+from qprobe.tune import tune  # noqa: E402
 
-# largest beta first and most regularised first: CV ties go to the smaller KL and the simpler probe
-BETAS = [1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0]
-GRID = {  # the regularisation each objective is tuned over (few positives: it matters more than anything else)
-    "mse": [{"alpha": a} for a in (1e5, 1e4, 1e3, 1e2, 1.0)],
-    "ce": [{"alpha": a} for a in (1e4, 1e3, 1e2, 10.0, 1.0)],
-    "pg": [{"epochs": e} for e in (5, 20, 80, 300)],  # early stopping; AdamW lr 3e-4, batches of 1000 rows
-}
-TORCH_GRID = GRID["pg"]  # MLP heads train in torch for every objective: early stopping there too
-OBJECTIVES = list(GRID)
+OBJECTIVES = ["mse", "ce", "pg"]
 K = 8
 SWEEP = [10.0, 3.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.003, 0.002, 0.001, 0.0003, 0.0]
 
@@ -45,43 +38,13 @@ def fit(objective, params, X, y, g, seed, hidden=None):
     return QProbe(objective=objective, k=K, hidden=hidden, random_state=seed, **params).fit(X, y, groups=g)
 
 
-def own_loss(objective, q, y, g):
-    """Held-out value of the loss each objective fits: squared error, log loss, or minus the pg policy's reward."""
-    if objective == "mse":
-        return float(np.mean((q - y) ** 2))
-    if objective == "ce":
-        return float(np.mean(np.logaddexp(0.0, q) - y * q))
-    return -selection_report(q, y, g, 1.0)["probe_reward"]  # beta_train = 1, the whole group as one chunk
-
-
-def choose(objective, X, y, g, seed, hidden=None, folds=5):
-    """(params, beta, score) by K-fold cross-validation over prompts.
-
-    The regularisation is chosen by the held-out value of the objective's own loss (as RidgeCV and
-    LogisticRegressionCV do): smooth, it uses every row. Choosing it by held-out pass@1 instead was
-    noise on the first 144 training prompts (15 with both passing and failing samples) and picked the
-    weakest penalty; held-out loss ranked the penalties as the test set did. The beta is then the one
-    of best held-out expected reward for that probe; score is that reward.
-    """
-    rng = np.random.default_rng(seed)
-    prompts = rng.permutation(np.unique(g))
-    grid = TORCH_GRID if hidden else GRID[objective]
-    oof = np.zeros((len(grid), len(y)))  # out-of-fold scores per grid point
-    for f in range(folds):
-        held = np.isin(g, prompts[f::folds])
-        for i, params in enumerate(grid):
-            oof[i, held] = fit(objective, params, X[~held], y[~held], g[~held], seed, hidden).predict(X[held])
-    i = int(np.argmin([own_loss(objective, q, y, g) for q in oof]))
-    rewards = [selection_report(oof[i], y, g, b)["probe_reward"] for b in BETAS]
-    j = int(np.argmax(rewards))
-    return grid[i], BETAS[j], float(rewards[j])
-
-
 def evaluate(objective, Xtr, ytr, gtr, Xte, yte, gte, seeds, hidden=None):
     """Per seed: grid point and beta chosen by CV on train, test reward at that beta and at argmax, KLs, sweep."""
     out = []
     for seed in range(seeds):
-        params, beta, cv = choose(objective, Xtr, ytr, gtr, seed, hidden)
+        # regularisation by held-out loss, then beta by held-out reward: see qprobe/tune.py
+        t = tune(Xtr, ytr, gtr, objective, random_state=seed, k=K, hidden=hidden)
+        params, beta, cv = t.params, t.beta, t.cv_reward
         q = fit(objective, params, Xtr, ytr, gtr, seed, hidden).predict(Xte)
         sweep = {b: selection_report(q, yte, gte, b) for b in sorted(set(SWEEP + [beta]), reverse=True)}
         out.append({"beta": beta, "params": params, "cv_pass1": cv,

@@ -11,6 +11,7 @@ from qprobe.select import (
     select_indices,
     softmax_weights,
 )
+from qprobe.tune import TuneResult, tune
 
 __version__ = "0.1.0"
 
@@ -21,5 +22,7 @@ __all__ = [
     "selection_report",
     "select_indices",
     "softmax_weights",
+    "tune",
+    "TuneResult",
     "__version__",
 ]

@@ -135,14 +135,27 @@ def load_rows_features(rows_path, features_path, need_reward=True, where=None):
     return rows, X[idx], meta
 
 
-def train_file(rows_path, features_path, out_dir, where=None, **probe_params):
+def train_file(rows_path, features_path, out_dir, where=None, tune_folds=None, **probe_params):
+    """Fit and save a probe; with ``tune_folds``, regularisation and beta come from cross-validation.
+
+    Returns (probe, number of rows, TuneResult or None).
+    """
     from qprobe.probe import QProbe
 
     rows, X, meta = load_rows_features(rows_path, features_path, where=where)
     y = np.array([r["reward"] for r in rows])
-    probe = QProbe(**probe_params).fit(X, y, groups=group_ids(rows))
+    groups = group_ids(rows)
+    tuned = None
+    if tune_folds:
+        from qprobe.tune import tune
+
+        fixed = {k: v for k, v in probe_params.items() if k not in ("objective", "beta", "random_state")}
+        tuned = tune(X, y, groups, probe_params.get("objective", "pg"), folds=tune_folds,
+                     random_state=probe_params.get("random_state") or 0, progress=True, **fixed)
+        probe_params = {**probe_params, **tuned.params, "beta": tuned.beta}
+    probe = QProbe(**probe_params).fit(X, y, groups=groups)
     probe.save(out_dir, embedder=meta.get("extractor"))
-    return probe, len(rows)
+    return probe, len(rows), tuned
 
 
 def _load_probe_for(probe_dir, X, meta, features_path):
