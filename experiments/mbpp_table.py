@@ -26,7 +26,7 @@ from mbpp_data import ROOT, load  # noqa: E402
 sys.path.insert(0, str(ROOT))
 from qprobe import QProbe  # noqa: E402
 from qprobe.pipeline import group_ids  # noqa: E402
-from qprobe.select import selection_report  # noqa: E402
+from qprobe.select import selection_report, softmax_weights  # noqa: E402
 from qprobe.tune import tune  # noqa: E402
 
 OBJECTIVES = ["mse", "ce", "pg"]
@@ -47,11 +47,21 @@ def evaluate(objective, Xtr, ytr, gtr, Xte, yte, gte, seeds, hidden=None):
         params, beta, cv = t.params, t.beta, t.cv_reward
         q = fit(objective, params, Xtr, ytr, gtr, seed, hidden).predict(Xte)
         sweep = {b: selection_report(q, yte, gte, b) for b in sorted(set(SWEEP + [beta]), reverse=True)}
-        out.append({"beta": beta, "params": params, "cv_pass1": cv,
+        out.append({"beta": beta, "params": params, "cv_pass1": cv, "q": q,
                     "pass1": sweep[beta]["probe_reward"], "kl": sweep[beta]["kl"],
                     "argmax_pass1": sweep[0.0]["probe_reward"], "argmax_kl": sweep[0.0]["kl"],
                     "sweep": [(b, s["kl"], s["probe_reward"]) for b, s in sweep.items()]})
     return out
+
+
+def bootstrap_gain(q, y, g, beta, n=2000, seed=0):
+    """95% interval of (probe - base) pass@1 over test prompts resampled with replacement (paired)."""
+    w = softmax_weights(q, g, beta)
+    ids, inv = np.unique(g, return_inverse=True)
+    probe = np.bincount(inv, weights=w * y) - np.bincount(inv, weights=y) / np.bincount(inv)
+    draws = np.random.default_rng(seed).integers(0, len(ids), size=(n, len(ids)))
+    lo, hi = np.percentile(probe[draws].mean(axis=1), [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def ms(values):
@@ -88,13 +98,14 @@ def main():
         res["n_greedy_prompts"] = len(gm)
 
     X = feats[args.features]
-    table, curves = {}, {}
+    table, curves, gains = {}, {}, {}
     for obj in OBJECTIVES:
         runs = evaluate(obj, X[tr], y[tr], g[tr], X[te], y[te], g[te], args.seeds)
         table[obj] = {key: ms([r[key] for r in runs]) for key in ("pass1", "kl", "argmax_pass1", "argmax_kl")}
         table[obj]["betas"] = [r["beta"] for r in runs]
         table[obj]["params"] = [r["params"] for r in runs]
         table[obj]["cv_pass1"] = ms([r["cv_pass1"] for r in runs])
+        gains[obj] = bootstrap_gain(runs[0]["q"], y[te], g[te], runs[0]["beta"])
         curves[obj] = np.mean([[(kl, rw) for _, kl, rw in r["sweep"]] for r in runs], axis=0)
         print(f"{obj}: pass@1 {table[obj]['pass1'][0]:.3f} ± {table[obj]['pass1'][1]:.3f} "
               f"(betas {table[obj]['betas']}, {table[obj]['params']}), argmax {table[obj]['argmax_pass1'][0]:.3f}", file=sys.stderr, flush=True)
@@ -103,6 +114,7 @@ def main():
     cv = {obj: table[obj]["cv_pass1"][0] for obj in OBJECTIVES}
     best = max(cv, key=cv.get)
     res.update(best_objective=best, best_probe_pass1=table[best]["pass1"][0], best_probe_kl=table[best]["kl"][0],
+               best_gain_ci95=gains[best],
                cv_pass1=cv, gap_closed=(table[best]["pass1"][0] - res["base_pass1"]) /
                max(res["oracle_pass8"] - res["base_pass1"], 1e-9))
 
@@ -178,6 +190,9 @@ def print_table(res):
         print(f"{'Q-probe ' + obj + ', argmax':<34}{t['argmax_pass1'][0]:>9.3f} ± {t['argmax_pass1'][1]:.3f}"
               f"{t['argmax_kl'][0]:>12.3f}", file=p)
     print(f"{'best-of-8 oracle (pass@8)':<34}{res['oracle_pass8']:>16.3f}{res['bon_kl_bound']:>12.3f}", file=p)
+    lo, hi = res["best_gain_ci95"]
+    print(f"best on CV: {res['best_objective']}; its gain over base, 95% paired bootstrap over test prompts "
+          f"(seed 0): [{lo:+.3f}, {hi:+.3f}]; gap closed {res['gap_closed']:.0%}", file=p)
     var = res.get("feature_variants")
     for name, (m, s) in (var["pass1"].items() if var else []):
         print(f"  {var['objective']} with {name:<40}{m:.3f} ± {s:.3f}", file=p)
