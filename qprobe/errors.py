@@ -1,4 +1,5 @@
-"""The one exception type users see; the CLI turns it into a one-line error."""
+"""The one exception type users see (the CLI turns it into a one-line error), and
+`_one_line`, which cuts a caught error's message to its first line."""
 
 
 class QProbeError(ValueError):
@@ -6,3 +7,8 @@ class QProbeError(ValueError):
 
     The message is one line that names the file, row or flag at fault.
     """
+
+
+def _one_line(err: Exception) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

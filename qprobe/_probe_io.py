@@ -1,0 +1,135 @@
+"""Probe files: save and load a fitted ``QProbe`` as a directory, without pickle.
+
+A probe directory holds ``probe.safetensors`` (coef, intercept, mean, scale and
+any hidden layer, float64) and ``config.json`` (format version, objective,
+beta, n_features, hyper-parameters, embedder identity and a sha256 checksum,
+``_digest``, over the weights and the rest of the config). ``_save_probe``
+writes into a temporary directory beside the target and renames it into
+place; ``_load_probe`` refuses another format version, a checksum mismatch,
+unexpected tensors or shapes, and bad hyper-parameters, each with one
+``QProbeError`` line.
+
+Not here: fitting or using a probe (:mod:`qprobe.probe`), feature files
+(:mod:`qprobe.io`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from qprobe.errors import QProbeError, _one_line
+
+FORMAT = "qprobe-probe v1"
+_CONFIG, _WEIGHTS = "config.json", "probe.safetensors"
+
+
+def _digest(blob: bytes, config: dict) -> str:
+    """sha256 over the weights and every config field but the checksum: a hand edit of either is refused."""
+    import hashlib
+    import json
+
+    rest = json.dumps({k: v for k, v in config.items() if k != "sha256"}, sort_keys=True).encode()
+    return hashlib.sha256(blob + b"\0" + rest).hexdigest()
+
+
+def _jsonable(v):
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, np.generic):
+        return v.item()
+    return str(v) if type(v).__name__ == "device" else None  # e.g. a RandomState: not recorded
+
+
+def _save_probe(probe, path):
+    import json
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.numpy import save as st_save
+
+    path = Path(path)
+    tensors = {"coef": probe.coef_, "intercept": np.array([probe.intercept_]), "mean": probe.mean_, "scale": probe.scale_}
+    if probe.hidden_coef_ is not None:
+        tensors.update(hidden_coef=probe.hidden_coef_, hidden_intercept=probe.hidden_intercept_)
+    blob = st_save({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()})
+    config = {
+        "format": FORMAT,
+        "objective": probe.objective,
+        "beta": float(probe.beta),
+        "n_features": int(probe.n_features_in_),
+        "hidden": probe.hidden,
+        "params": {k: _jsonable(v) for k, v in probe.get_params().items()},
+        "embedder": probe.embedder_,
+    }
+    config["sha256"] = _digest(blob, config)
+    try:
+        text = json.dumps(config, indent=2, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise QProbeError(f"cannot save probe: embedder identity is not JSON ({_one_line(err)})") from None
+    if path.exists() and not (path.is_dir() and set(os.listdir(path)) <= {_CONFIG, _WEIGHTS}):
+        raise QProbeError(f"{path} exists and is not a probe directory; refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        for name, data in ((_WEIGHTS, blob), (_CONFIG, text.encode())):
+            with open(tmp / name, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        if path.exists():  # swap: the old probe stays whole until the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old.tmp", dir=path.parent))
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_probe(cls, path):
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import load as st_load
+
+    path = Path(path)
+    cfg_path, w_path = path / _CONFIG, path / _WEIGHTS
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise QProbeError(f"{path} is not a probe directory (needs {_CONFIG} and {_WEIGHTS})")
+    try:
+        cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise QProbeError(f"{cfg_path} is not a qprobe config ({_one_line(err)})") from None
+    fmt = cfg.get("format") if isinstance(cfg, dict) else None
+    if fmt != FORMAT:
+        raise QProbeError(f"{cfg_path} has format {fmt!r}; this qprobe reads {FORMAT!r} only")
+    blob = w_path.read_bytes()
+    if _digest(blob, cfg) != cfg.get("sha256"):
+        raise QProbeError(f"{path}: weights or config do not match the checksum in {_CONFIG}: "
+                          "the probe is corrupt or was edited by hand")
+    try:
+        t = st_load(blob)
+        params = dict(cfg["params"])
+        probe = cls(**params)
+        probe._check_params()
+        d, h = int(cfg["n_features"]), params.get("hidden")
+    except QProbeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any malformation is one user-facing error
+        raise QProbeError(f"{path} is not a valid probe ({_one_line(err)})") from None
+    shapes = {"coef": (h or d,), "intercept": (1,), "mean": (d,), "scale": (d,)}
+    if h is not None:
+        shapes.update(hidden_coef=(d, h), hidden_intercept=(h,))
+    if set(t) != set(shapes):
+        raise QProbeError(f"{w_path} holds tensors {sorted(t)}, expected {sorted(shapes)}")
+    for name, shape in shapes.items():
+        if t[name].shape != shape or t[name].dtype != np.float64 or not np.isfinite(t[name]).all():
+            raise QProbeError(f"{w_path}: tensor {name!r} has shape {t[name].shape}, expected {shape} finite float64")
+    probe.coef_, probe.intercept_ = t["coef"], float(t["intercept"][0])
+    probe.mean_, probe.scale_ = t["mean"], t["scale"]
+    probe.hidden_coef_, probe.hidden_intercept_ = t.get("hidden_coef"), t.get("hidden_intercept")
+    probe.n_features_in_, probe.loss_curve_, probe.embedder_ = d, [], cfg.get("embedder")
+    return probe
