@@ -184,6 +184,119 @@ def test_network_is_blocked(backend):
             server.accept()
 
 
+def _netns_unavailable():
+    """Why the user backend as root cannot have its own network namespace here, or None.
+
+    Checked independently of the sandbox's own probe, so that a sandbox that
+    wrongly falls back where the namespace works fails the tests below.
+    """
+    if not ROOT:
+        return "the user backend gets a network namespace only when run as root"
+    unshare = shutil.which("unshare") or shutil.which("unshare", path="/usr/bin:/bin")
+    if not unshare:
+        return "util-linux unshare not found"
+    try:
+        help_text = subprocess.run([unshare, "--help"], capture_output=True, text=True, timeout=10).stdout
+        trial = subprocess.run([unshare, "--net", "--setgid", str(iso.UID_FIRST - 2),
+                                "--setuid", str(iso.UID_FIRST - 2), "--", "true"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unshare does not run: {exc}"
+    if "--setuid" not in help_text or "--setgid" not in help_text:
+        return "this unshare has no --setuid/--setgid"
+    if trial.returncode != 0:
+        return f"unshare --net fails here (no CAP_SYS_ADMIN?): {trial.stderr.strip()[:200]}"
+    return None
+
+
+_RAW_CONNECT = """
+import ctypes, ctypes.util, socket, struct
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+fd = libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0)
+assert fd >= 0, ctypes.get_errno()
+addr = struct.pack("=H", socket.AF_INET) + struct.pack("!H", {port}) + socket.inet_aton("127.0.0.1") + bytes(8)
+rc = libc.connect(fd, ctypes.c_char_p(addr), len(addr))
+print("connected" if rc == 0 else "refused errno " + str(ctypes.get_errno()))
+"""
+
+_SUBPROCESS_CONNECT = """
+import subprocess, sys
+code = "import socket\\ntry:\\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\\n    print('connected')\\nexcept OSError as e:\\n    print('refused', type(e).__name__, e.errno)"
+out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=5)
+print(out.stdout.strip() or out.stderr.strip())
+"""
+
+
+@pytest.mark.parametrize("how", ["ctypes", "subprocess"])
+def test_user_backend_as_root_has_no_network(how):
+    """Around the audit hook (ctypes, a fresh interpreter): only a network namespace stops these."""
+    why = _netns_unavailable()
+    if why is not None:
+        pytest.skip(f"no network namespace for the user backend here: {why}")
+    try:
+        sandbox_backend("user")
+    except QProbeError as exc:
+        pytest.skip(f"sandbox backend 'user' unavailable here: {exc}")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        program = (_RAW_CONNECT if how == "ctypes" else _SUBPROCESS_CONNECT).format(port=port)
+        res = run_python(program, timeout=8.0, backend="user")
+        # the program itself must have run to the attempt, so the test cannot pass by a crash
+        assert res.passed, res
+        assert "refused" in res.stdout and "connected" not in res.stdout, res.stdout
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            server.accept()
+
+
+_FAKE_UNSHARE = """#!/bin/sh
+# unshare --net --setgid G --setuid U -- CMD...: drops privileges but makes no namespace
+[ "$1" = --net ] && [ "$2" = --setgid ] && [ "$4" = --setuid ] && [ "$6" = -- ] || exit 99
+g=$3; u=$5; shift 6
+exec {setpriv} --regid "$g" --reuid "$u" --clear-groups -- "$@"
+"""
+
+
+@pytest.mark.parametrize("unshare", ["missing", "no-namespace"])
+def test_user_backend_without_network_namespace_falls_back(unshare, monkeypatch, tmp_path):
+    """No unshare, or one that makes no namespace: the trial says so, warns, runs as before."""
+    if not ROOT:
+        pytest.skip("the user backend tries a network namespace only when run as root")
+    from qprobe.rewards import sandbox
+
+    fake = None
+    if unshare == "no-namespace":
+        setpriv = shutil.which("setpriv") or shutil.which("setpriv", path="/usr/bin:/bin")
+        if not setpriv:
+            pytest.skip("util-linux setpriv not found (needed for the fake unshare)")
+        os.chmod(tmp_path, 0o755)
+        fake = tmp_path / "unshare"
+        fake.write_text(_FAKE_UNSHARE.format(setpriv=setpriv))
+        fake.chmod(0o755)
+    monkeypatch.setattr(sandbox, "_backend_cache",
+                        {k: v for k, v in sandbox._backend_cache.items() if k != "user"})
+    monkeypatch.setattr(sandbox, "_netns_cache", {})
+    monkeypatch.setattr(sandbox, "_python_cache", dict(sandbox._python_cache))
+    real_which = shutil.which
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name, **kw: (
+        (fake and str(fake)) if name == "unshare" else real_which(name, **kw)))
+    with pytest.warns(UserWarning, match="cannot put programs in their own network namespace") as rec:
+        try:
+            sandbox_backend("user")
+        except QProbeError as exc:
+            pytest.skip(f"sandbox backend 'user' unavailable here: {exc}")
+    why = sandbox._netns_cache["user"]
+    expected = "unshare (util-linux) not found" if fake is None else "trial run not isolated"
+    assert why is not None and why.startswith(expected), why
+    assert any(expected in str(w.message) for w in rec)
+    res = run_python("import os\nprint(os.getuid(), os.getgroups())", backend="user")
+    assert res.passed, res
+    uid, groups = res.stdout.split(" ", 1)
+    assert iso.UID_FIRST <= int(uid) <= iso.UID_LAST and groups.strip() == "[]"
+
+
 def test_escaped_child_is_killed(backend):
     _needs_root_for(backend)
     program = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"

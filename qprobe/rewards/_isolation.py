@@ -80,8 +80,9 @@ del _spec, _name, _soft, _hard, _res, _cap, json
 runpy.run_path(_main, run_name="__main__")
 """
 
-# Audit events refused by the "user" backend, which has no network namespace.
-# Best effort only: ctypes or a subprocess running curl get around it.
+# Audit events refused by the "user" backend, which has a network namespace only
+# as root where one can be created (see sandbox.py). Without one this is best
+# effort only: ctypes or a subprocess running curl get around it.
 NET_EVENTS = ("socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
               "socket.getaddrinfo")
 

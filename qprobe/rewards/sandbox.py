@@ -18,16 +18,28 @@ Backends (``backend=`` argument, else ``$QPROBE_SANDBOX``, else auto):
     privileged and the program drops to a dedicated unused uid; otherwise
     bwrap uses an unprivileged user namespace. Chosen when a trial run works.
 ``user``
-    No namespaces. As root: the program runs as a dedicated unused uid (one
-    per concurrent run), so root-owned files are read-only to it, it cannot
-    signal other processes, RLIMIT_NPROC binds, and every process of that uid
-    is killed and every file it left in /tmp, /var/tmp, /dev/shm removed
-    afterwards. As another user: rlimits and a new session only.
+    As root: the program runs as a dedicated unused uid (one per concurrent
+    run), so root-owned files are read-only to it, it cannot signal other
+    processes, RLIMIT_NPROC binds, and every process of that uid is killed and
+    every file it left in /tmp, /var/tmp, /dev/shm removed afterwards. Also as
+    root, where a network namespace can be created (CAP_SYS_ADMIN, which
+    Docker's default profile withholds, and a util-linux ``unshare`` with
+    ``--setuid``/``--setgid``; a trial run checks once per process), each run
+    gets its own network namespace and nothing else: ``unshare --net`` creates
+    it while still root, drops supplementary groups, sets gid and uid to the
+    sandbox uid, then execs the interpreter. Its only interface is a loopback
+    that is down, so no IP traffic of any kind (TCP, UDP, raw; to the host's
+    127.0.0.1 too, by ctypes or a child process alike) and no abstract unix
+    sockets. Where that trial fails, runs have the host's network, with a
+    warning. As another user: rlimits and a new session only, no namespace.
 
-What the ``user`` backend cannot protect against: network access (an audit
-hook refuses Python-level sockets, but ctypes or ``subprocess`` + curl get
-around it); writing to world-writable places other than the temp dirs it
-cleans (and deleting others' files in world-writable, non-sticky dirs);
+What the ``user`` backend cannot protect against: network access when it has
+no network namespace (non-root, or the trial failed: an audit hook refuses
+Python-level sockets, but ctypes or ``subprocess`` + curl get around it);
+unix sockets in the filesystem that the uid may open (the namespace does not
+cover them; bwrap hides /run); writing to world-writable places other than the
+temp dirs it cleans (and deleting others' files in world-writable, non-sticky
+dirs);
 zombies piling up when the system's init does not reap orphans; sleeping
 processes outliving a scorer that is itself SIGKILLed (bwrap's
 ``--die-with-parent`` covers that). As root it runs the program with a system
@@ -103,6 +115,9 @@ class SandboxResult:
 
 _lock = threading.Lock()
 _backend_cache: dict[str, str | None] = {}  # backend -> None if it works, else why not
+# "user" -> None if its runs (as root) get their own network namespace, else why not;
+# set by the user backend's trial run, absent before it
+_netns_cache: dict[str, str | None] = {}
 _python_cache: dict[str, str] = {}          # backend -> interpreter it runs
 _uid_pool = iso.UidPool()
 _warned_fallback: list[str] = []  # non-empty once the bwrap -> user fallback was announced
@@ -164,6 +179,12 @@ def _probe(name: str) -> str | None:
         return "bwrap not found (apt-get install bubblewrap)"
     try:
         _python_cache[name] = _pick_python(name)
+        if name == "user" and os.geteuid() == 0:
+            _netns_cache[name] = why = _probe_netns()
+            if why is not None:
+                warnings.warn(f"sandbox: backend 'user' cannot put programs in their own network "
+                              f"namespace here ({why}); they can reach the network by ctypes or "
+                              "a subprocess", stacklevel=4)
         res = _execute("print('qprobe-ok')", name, _PROBE_TIMEOUT, 256, 4096, 8)
     except (OSError, subprocess.SubprocessError, QProbeError) as exc:
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -171,6 +192,46 @@ def _probe(name: str) -> str | None:
         return None
     detail = (res.stderr.strip().splitlines() or [res.reason])[-1]
     return f"trial run gave {res.reason!r} ({detail[:200]})"
+
+
+_NETNS_CHECK = """\
+import fcntl, os, socket, struct
+def up(name):  # SIOCGIFFLAGS & IFF_UP
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = fcntl.ioctl(s, 0x8913, struct.pack("16sH14x", name.encode(), 0))
+    return bool(struct.unpack("16sH14x", req)[1] & 1)
+state = (os.getuid() == os.getgid() != 0, os.getgroups(), os.readlink("/proc/self/ns/net") != {host!r},
+         [(name, up(name)) for _, name in socket.if_nameindex()])
+print("qprobe-netns-ok" if state[0] and state[1:] == ([], True, [("lo", False)]) else state)
+"""
+
+
+def _probe_netns() -> str | None:
+    """None if a ``user`` run as root can have its own network namespace, else why not.
+
+    A trial run through the whole pipeline with the namespace on; the program
+    checks that it runs as an unprivileged uid without supplementary groups,
+    in a network namespace other than ours, whose only interface is a down
+    loopback.
+    """
+    if not _unshare_path():
+        return "unshare (util-linux) not found"
+    try:
+        host = os.readlink("/proc/self/ns/net")
+        res = _execute(_NETNS_CHECK.format(host=host), "user", _PROBE_TIMEOUT, 256, 4096, 8,
+                       netns=True)
+    except (OSError, subprocess.SubprocessError, QProbeError) as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if res.passed and "qprobe-netns-ok" in res.stdout:
+        return None
+    if res.passed:
+        return f"trial run not isolated: {res.stdout.strip()[:200]}"
+    detail = (res.stderr.strip().splitlines() or [res.reason])[-1]
+    return f"trial run gave {res.reason!r} ({detail[:200]})"
+
+
+def _unshare_path() -> str | None:
+    return shutil.which("unshare") or shutil.which("unshare", path=_SYSTEM_PATH)
 
 
 def _pick_python(name: str) -> str:
@@ -241,9 +302,13 @@ def run_python(program: str, timeout: float = 3.0, memory_mb: int = 512,
 
 
 def _execute(program: str, name: str, timeout: float, memory_mb: int, max_output: int,
-             max_procs: int) -> SandboxResult:
+             max_procs: int, netns: bool | None = None) -> SandboxResult:
+    """``netns``: whether a ``user`` run as root gets its own network
+    namespace; None: as the trial run found."""
     root = os.geteuid() == 0
     python = _python_cache.get(name, sys.executable)
+    if netns is None:
+        netns = name in _netns_cache and _netns_cache[name] is None
     lease = _uid_pool.lease(remove_files=name == "user") if root else nullcontext(None)
     with lease as uid:
         workdir = tempfile.mkdtemp(prefix="qprobe-sandbox-")
@@ -256,13 +321,14 @@ def _execute(program: str, name: str, timeout: float, memory_mb: int, max_output
                 # must still be able to chdir into it
                 os.chown(workdir, uid, 0)
                 os.chmod(workdir, 0o770)
-            argv, kwargs = _command(name, python, workdir, main, uid, timeout, memory_mb, max_procs)
+            argv, kwargs = _command(name, python, workdir, main, uid, timeout, memory_mb, max_procs,
+                                    netns)
             return _supervise(argv, kwargs, name, timeout, max_output, uid)
         finally:
             iso.rmtree(workdir)
 
 
-def _command(name, python, workdir, main, uid, timeout, memory_mb, max_procs):
+def _command(name, python, workdir, main, uid, timeout, memory_mb, max_procs, netns=False):
     """argv and Popen keyword arguments for one run."""
     if uid is None and name == "user":
         # RLIMIT_NPROC counts all processes of the real uid: leave ours room.
@@ -288,6 +354,11 @@ def _command(name, python, workdir, main, uid, timeout, memory_mb, max_procs):
         bwrap = _bwrap_path()
         argv = iso.bwrap_args(bwrap, workdir, python, privileged=uid is not None,
                               has_size=_bwrap_has_size(bwrap)) + argv
+    elif uid is not None and netns:
+        # unshare (as root) makes the namespace, then setgroups([]), setgid,
+        # setuid, and execs the interpreter: same pid, so same process group,
+        # return code and cleanup as without it
+        argv = [_unshare_path(), "--net", "--setgid", str(uid), "--setuid", str(uid), "--"] + argv
     elif uid is not None:
         kwargs.update(user=uid, group=uid, extra_groups=[])
     return argv, kwargs
