@@ -228,7 +228,7 @@ where_option = click.option("--where", multiple=True, metavar="FIELD=V1,V2",
 @click.option("--alpha", type=click.FloatRange(0), default=None, help="Linear mse / ce: L2 penalty [default: 1].")
 @click.option("--hidden", type=click.IntRange(1), default=None, help="Hidden units of an MLP head [default: linear].")
 @click.option("--tune", "tune_folds", type=click.IntRange(2), default=None, metavar="FOLDS",
-              help="Choose --alpha (mse, ce) or --epochs (pg, pref, MLP) and --beta by FOLDS-fold "
+              help="Choose --alpha (mse, ce) or --epochs (pg, pref, MLP: about 25-1600 steps) and --beta by FOLDS-fold "
                    "cross-validation over prompts; recommended when positives are few.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @where_option

@@ -22,13 +22,21 @@ from qprobe.errors import QProbeError
 
 # largest beta first and the most regularised probe first: ties go to the smaller KL and the simpler probe
 BETAS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0)
-_EPOCHS = [{"epochs": e} for e in (5, 20, 80, 300)]  # early stopping for heads trained in torch
+# heads trained in torch (pg, pref, MLP) are regularised by early stopping: AdamW steps to try,
+# turned into epochs for the data at hand (QProbe's default is about 400 steps)
+STEPS = (25, 100, 400, 1600)
 GRIDS = {
     "mse": [{"alpha": a} for a in (1e5, 1e4, 1e3, 1e2, 1.0)],
     "ce": [{"alpha": a} for a in (1e4, 1e3, 1e2, 10.0, 1.0)],
-    "pg": _EPOCHS,
-    "pref": _EPOCHS,
+    "pg": None,  # epochs from STEPS
+    "pref": None,
 }
+
+
+def epochs_grid(n_rows: int, batch_size=1000, steps=STEPS) -> list[dict]:
+    """``[{"epochs": e}]`` giving about ``steps`` AdamW steps on ``n_rows`` rows (duplicates dropped)."""
+    per_epoch = 1 if not batch_size else max(1, -(-int(n_rows) // int(batch_size)))
+    return [{"epochs": e} for e in sorted({max(1, round(s / per_epoch)) for s in steps})]
 
 
 @dataclass
@@ -76,8 +84,9 @@ def tune(X, y, groups, objective="pg", grid=None, betas=BETAS, folds=5, random_s
     X, y, groups : as for :meth:`QProbe.fit` (groups are required: folds hold out whole prompts).
     objective : str
     grid : list of dict, optional
-        QProbe parameters to try, most regularised first. Default: ``GRIDS[objective]``, or the
-        epochs grid for an MLP head (``hidden=...``), whose penalty is early stopping.
+        QProbe parameters to try, most regularised first. Default: ``GRIDS[objective]`` (alpha)
+        for linear mse / ce; for pg, pref and MLP heads (``hidden=...``), whose penalty is early
+        stopping, the epochs that give about 25, 100, 400 and 1600 AdamW steps.
     betas : sequence of float
         Selection temperatures to try, largest first (0 = argmax).
     folds : int
@@ -97,10 +106,12 @@ def tune(X, y, groups, objective="pg", grid=None, betas=BETAS, folds=5, random_s
     prompts = np.unique(groups)
     if not 2 <= int(folds) <= len(prompts):
         raise QProbeError(f"folds must be between 2 and the number of prompts ({len(prompts)}), got {folds}")
+    if objective not in GRIDS:
+        raise QProbeError(f"objective must be one of {', '.join(GRIDS)}, got {objective!r}")
     if grid is None:
-        grid = _EPOCHS if probe_params.get("hidden") else GRIDS.get(objective)
-        if grid is None:
-            raise QProbeError(f"objective must be one of {', '.join(GRIDS)}, got {objective!r}")
+        grid = GRIDS[objective]
+        if grid is None or probe_params.get("hidden"):  # fits on (folds - 1) / folds of the rows
+            grid = epochs_grid(len(y) * (folds - 1) / folds, probe_params.get("batch_size", 1000))
     grid, betas = [dict(p) for p in grid], [float(b) for b in betas]
     if not grid or not betas or min(betas) < 0:
         raise QProbeError("grid and betas must be non-empty and betas >= 0")

@@ -92,3 +92,11 @@ def test_cli_train_tune(tmp_path):
     assert cfg["beta"] == pytest.approx(chosen)
     assert error("train", rows, X, "-o", tmp_path / "p2", "--tune", 3, "--alpha", 5) == \
         "Error: --tune chooses --alpha / --epochs itself: give --tune or them, not both"
+
+
+def test_epochs_grid_is_about_the_same_number_of_steps_at_any_size():
+    from qprobe.tune import epochs_grid
+
+    assert epochs_grid(3000) == [{"epochs": e} for e in (8, 33, 133, 533)]
+    assert epochs_grid(100_000) == [{"epochs": e} for e in (1, 4, 16)]  # 25 steps round up to one epoch
+    assert epochs_grid(50, batch_size=None) == [{"epochs": e} for e in (25, 100, 400, 1600)]
