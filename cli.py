@@ -223,13 +223,14 @@ where_option = click.option("--where", multiple=True, metavar="FIELD=V1,V2",
 @click.option("--objective", type=click.Choice(["mse", "ce", "pg", "pref"]), default="pg", show_default=True)
 @click.option("--beta", type=click.FloatRange(0), default=0.1, show_default=True, help="Selection temperature.")
 @click.option("--k", "chunk_k", type=click.IntRange(2), default=None, help="pg: chunk size [default: the probe's].")
-@click.option("--epochs", type=click.IntRange(1), default=None, help="Torch heads (pg, pref, MLP): passes over the data.")
+@click.option("--epochs", type=click.IntRange(1), default=None,
+              help="Torch heads (pg, pref, MLP): passes over the data.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=None)
 @click.option("--alpha", type=click.FloatRange(0), default=None, help="Linear mse / ce: L2 penalty [default: 1].")
 @click.option("--hidden", type=click.IntRange(1), default=None, help="Hidden units of an MLP head [default: linear].")
 @click.option("--tune", "tune_folds", type=click.IntRange(2), default=None, metavar="FOLDS",
-              help="Choose --alpha (mse, ce) or --epochs (pg, pref, MLP: about 25-1600 steps) and --beta by FOLDS-fold "
-                   "cross-validation over prompts; recommended when positives are few.")
+              help="Choose --alpha (mse, ce) or --epochs (pg, pref, MLP: about 25-1600 steps) and "
+                   "--beta by FOLDS-fold cross-validation over prompts; recommended when positives are few.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @where_option
 @user_errors

@@ -108,7 +108,8 @@ def main():
         gains[obj] = bootstrap_gain(runs[0]["q"], y[te], g[te], runs[0]["beta"])
         curves[obj] = np.mean([[(kl, rw) for _, kl, rw in r["sweep"]] for r in runs], axis=0)
         print(f"{obj}: pass@1 {table[obj]['pass1'][0]:.3f} ± {table[obj]['pass1'][1]:.3f} "
-              f"(betas {table[obj]['betas']}, {table[obj]['params']}), argmax {table[obj]['argmax_pass1'][0]:.3f}", file=sys.stderr, flush=True)
+              f"(betas {table[obj]['betas']}, {table[obj]['params']}), argmax {table[obj]['argmax_pass1'][0]:.3f}",
+              file=sys.stderr, flush=True)
     res["objectives"] = table
     # the headline objective is chosen on cross-validation (its tuned configuration's CV score), not on test
     cv = {obj: table[obj]["cv_pass1"][0] for obj in OBJECTIVES}
