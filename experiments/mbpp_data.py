@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,12 @@ def read_gz_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def load(kind: str | None = None, with_rewards: bool = True):
-    """(rows, {extractor name: float32 features}) for the finished chunks of `kind`."""
+def load(kind: str | None = None, with_rewards: bool = True, skip_unscored: bool = False):
+    """(rows, {extractor name: float32 features}) for the finished chunks of `kind`.
+
+    Rows without a reward are an error, or with `skip_unscored` left out with a note on stderr
+    (a chunk sampled after the last `python experiments/mbpp_reward.py`).
+    """
     rows, feats = [], {}
     for name in shard_names(kind):
         rows += [{**r, "chunk": name} for r in read_gz_jsonl(SHARDS / f"{name}.rows.jsonl.gz")]
@@ -41,8 +46,15 @@ def load(kind: str | None = None, with_rewards: bool = True):
     if with_rewards:
         rewards = {(r["prompt_id"], r["sample"]): r for r in read_gz_jsonl(REWARDS)} if REWARDS.exists() else {}
         missing = [r for r in rows if (r["prompt_id"], r["sample"]) not in rewards]
-        if missing:
+        if missing and not skip_unscored:
             raise SystemExit(f"{len(missing)} rows have no reward yet: run python experiments/mbpp_reward.py")
+        if missing:
+            chunks = sorted({r["chunk"] for r in missing})
+            print(f"left out {len(missing)} rows of chunks {', '.join(chunks)}: no reward yet "
+                  "(python experiments/mbpp_reward.py scores them)", file=sys.stderr)
+            keep = np.array([(r["prompt_id"], r["sample"]) in rewards for r in rows])
+            rows = [r for r, k in zip(rows, keep) if k]
+            feats = {k: v[keep] for k, v in feats.items()}
         for r in rows:
             got = rewards[(r["prompt_id"], r["sample"])]
             r["reward"], r["reward_reason"] = got["reward"], got["reward_reason"]

@@ -79,7 +79,7 @@ def main():
     args = ap.parse_args()
     t0 = time.time()
 
-    rows, feats = load()
+    rows, feats = load(skip_unscored=True)
     split = np.array([r["split"] for r in rows])
     samp = np.array([not r["chunk"].startswith("greedy-") for r in rows])  # greedy chunks: one T=0 sample
     n_sampled = int(samp.sum())
