@@ -25,6 +25,17 @@ def shard_names(kind: str | None = None) -> list[str]:
     return [n for n in names if kind is None or n.startswith(kind + "-")]
 
 
+def is_greedy(row: dict) -> bool:
+    """Greedy chunks hold one T = 0 completion per test prompt, with the same (prompt_id, sample) keys."""
+    return row["chunk"].startswith("greedy-")
+
+
+def key(row: dict) -> tuple:
+    """(prompt_id, sample, greedy) of a shard row (has "chunk") or a rewards row (has "greedy" if greedy)."""
+    greedy = is_greedy(row) if "chunk" in row else bool(row.get("greedy", False))
+    return row["prompt_id"], row["sample"], greedy
+
+
 def read_gz_jsonl(path: Path) -> list[dict]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -44,18 +55,18 @@ def load(kind: str | None = None, with_rewards: bool = True, skip_unscored: bool
                 feats.setdefault(key, []).append(z[key])
     feats = {k: np.concatenate(v).astype(np.float32) for k, v in feats.items()}
     if with_rewards:
-        rewards = {(r["prompt_id"], r["sample"]): r for r in read_gz_jsonl(REWARDS)} if REWARDS.exists() else {}
-        missing = [r for r in rows if (r["prompt_id"], r["sample"]) not in rewards]
+        rewards = {key(r): r for r in read_gz_jsonl(REWARDS)} if REWARDS.exists() else {}
+        missing = [r for r in rows if key(r) not in rewards]
         if missing and not skip_unscored:
             raise SystemExit(f"{len(missing)} rows have no reward yet: run python experiments/mbpp_reward.py")
         if missing:
             chunks = sorted({r["chunk"] for r in missing})
             print(f"left out {len(missing)} rows of chunks {', '.join(chunks)}: no reward yet "
                   "(python experiments/mbpp_reward.py scores them)", file=sys.stderr)
-            keep = np.array([(r["prompt_id"], r["sample"]) in rewards for r in rows])
+            keep = np.array([key(r) in rewards for r in rows])
             rows = [r for r, k in zip(rows, keep) if k]
             feats = {k: v[keep] for k, v in feats.items()}
         for r in rows:
-            got = rewards[(r["prompt_id"], r["sample"])]
+            got = rewards[key(r)]
             r["reward"], r["reward_reason"] = got["reward"], got["reward_reason"]
     return rows, feats

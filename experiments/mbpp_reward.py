@@ -15,27 +15,38 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mbpp_data import REWARDS, ROOT, load  # noqa: E402
+from mbpp_data import REWARDS, ROOT, is_greedy, load  # noqa: E402
 
 
 def main():
     rows, _ = load(with_rewards=False)
     work = ROOT / "runs" / "mbpp"
     work.mkdir(parents=True, exist_ok=True)
-    with open(work / "completions.jsonl", "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    cmd = [sys.executable, str(ROOT / "cli.py"), "reward", str(work / "completions.jsonl"), "-o",
-           str(work / "rewarded.jsonl"), "--kind", "code", "--timeout", "3", "--cache-dir", str(ROOT / ".qprobe-cache")]
-    print("$", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True)
+    out = []
+    # greedy rows share (prompt_id, sample) with the sampled ones, so each kind is its own rows file
+    for kind in ("sampled", "greedy"):
+        part = [r for r in rows if is_greedy(r) == (kind == "greedy")]
+        if not part:
+            continue
+        src, dst = work / f"{kind}.jsonl", work / f"{kind}.rewarded.jsonl"
+        with open(src, "w", encoding="utf-8") as f:
+            for r in part:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        cmd = [sys.executable, str(ROOT / "cli.py"), "reward", str(src), "-o", str(dst), "--kind", "code",
+               "--timeout", "3", "--cache-dir", str(ROOT / ".qprobe-cache")]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True)
+        with open(dst, encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                out.append({**{k: r[k] for k in ("prompt_id", "sample", "reward", "reward_reason")},
+                            **({"greedy": True} if kind == "greedy" else {})})
     tmp = REWARDS.with_suffix(".tmp")
-    with open(work / "rewarded.jsonl", encoding="utf-8") as src, gzip.open(tmp, "wt", encoding="utf-8") as dst:
-        for line in src:
-            r = json.loads(line)
-            dst.write(json.dumps({k: r[k] for k in ("prompt_id", "sample", "reward", "reward_reason")}) + "\n")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        for r in out:
+            f.write(json.dumps(r) + "\n")
     tmp.replace(REWARDS)
-    print(f"wrote {REWARDS.relative_to(ROOT)} ({len(rows)} rows)")
+    print(f"wrote {REWARDS.relative_to(ROOT)} ({len(out)} rows)")
 
 
 if __name__ == "__main__":
