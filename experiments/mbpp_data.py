@@ -30,7 +30,7 @@ def is_greedy(row: dict) -> bool:
     return row["chunk"].startswith("greedy-")
 
 
-def key(row: dict) -> tuple:
+def row_key(row: dict) -> tuple:
     """(prompt_id, sample, greedy) of a shard row (has "chunk") or a rewards row (has "greedy" if greedy)."""
     greedy = is_greedy(row) if "chunk" in row else bool(row.get("greedy", False))
     return row["prompt_id"], row["sample"], greedy
@@ -55,18 +55,18 @@ def load(kind: str | None = None, with_rewards: bool = True, skip_unscored: bool
                 feats.setdefault(key, []).append(z[key])
     feats = {k: np.concatenate(v).astype(np.float32) for k, v in feats.items()}
     if with_rewards:
-        rewards = {key(r): r for r in read_gz_jsonl(REWARDS)} if REWARDS.exists() else {}
-        missing = [r for r in rows if key(r) not in rewards]
+        rewards = {row_key(r): r for r in read_gz_jsonl(REWARDS)} if REWARDS.exists() else {}
+        missing = [r for r in rows if row_key(r) not in rewards]
         if missing and not skip_unscored:
             raise SystemExit(f"{len(missing)} rows have no reward yet: run python experiments/mbpp_reward.py")
         if missing:
             chunks = sorted({r["chunk"] for r in missing})
             print(f"left out {len(missing)} rows of chunks {', '.join(chunks)}: no reward yet "
                   "(python experiments/mbpp_reward.py scores them)", file=sys.stderr)
-            keep = np.array([key(r) in rewards for r in rows])
+            keep = np.array([row_key(r) in rewards for r in rows])
             rows = [r for r, k in zip(rows, keep) if k]
             feats = {k: v[keep] for k, v in feats.items()}
         for r in rows:
-            got = rewards[key(r)]
+            got = rewards[row_key(r)]
             r["reward"], r["reward_reason"] = got["reward"], got["reward_reason"]
     return rows, feats
