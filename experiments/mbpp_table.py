@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mbpp_data import ROOT, load  # noqa: E402
+from mbpp_data import ROOT, is_greedy, load  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from qprobe import QProbe  # noqa: E402
@@ -81,7 +81,7 @@ def main():
 
     rows, feats = load(skip_unscored=True)
     split = np.array([r["split"] for r in rows])
-    samp = np.array([not r["chunk"].startswith("greedy-") for r in rows])  # greedy chunks: one T=0 sample
+    samp = np.array([not is_greedy(r) for r in rows])  # greedy chunks: one T=0 sample
     n_sampled = int(samp.sum())
     y = np.array([r["reward"] for r in rows], dtype=float)
     g = group_ids(rows)
