@@ -1,8 +1,10 @@
 """Load the committed MBPP benchmark data: sampled rows, rewards and features, aligned.
 
-    data/mbpp/shards/<chunk>.rows.jsonl.gz   completions (experiments/mbpp_sample.py)
-    data/mbpp/shards/<chunk>.feats.npz       float16 features of three extractors, same row order
-    data/mbpp/rewards.jsonl.gz               reward + reason per (prompt_id, sample) (experiments/mbpp_reward.py)
+One folder per model (`DATASETS`):
+
+    <folder>/shards/<chunk>.rows.jsonl.gz   completions (experiments/mbpp_sample.py)
+    <folder>/shards/<chunk>.feats.npz       float16 features of a few extractors, same row order
+    <folder>/rewards.jsonl.gz               reward + reason per (prompt_id, sample) (experiments/mbpp_reward.py)
 """
 from __future__ import annotations
 
@@ -14,14 +16,25 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data" / "mbpp"
-SHARDS = DATA / "shards"
-REWARDS = DATA / "rewards.jsonl.gz"
+# model alias -> its data folder
+DATASETS = {
+    "smollm2-135m": ROOT / "data" / "mbpp",
+    "qwen2.5-coder-0.5b": ROOT / "data" / "mbpp-qwen2.5-coder-0.5b",
+}
+DATA = DATASETS["smollm2-135m"]
 
 
-def shard_names(kind: str | None = None) -> list[str]:
+def shards_dir(model: str = "smollm2-135m") -> Path:
+    return DATASETS[model] / "shards"
+
+
+def rewards_path(model: str = "smollm2-135m") -> Path:
+    return DATASETS[model] / "rewards.jsonl.gz"
+
+
+def shard_names(kind: str | None = None, model: str = "smollm2-135m") -> list[str]:
     """Finished chunks (a chunk is finished when its rows file exists), optionally of one kind (test/train/greedy)."""
-    names = sorted(p.name[: -len(".rows.jsonl.gz")] for p in SHARDS.glob("*.rows.jsonl.gz"))
+    names = sorted(p.name[: -len(".rows.jsonl.gz")] for p in shards_dir(model).glob("*.rows.jsonl.gz"))
     return [n for n in names if kind is None or n.startswith(kind + "-")]
 
 
@@ -41,24 +54,26 @@ def read_gz_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def load(kind: str | None = None, with_rewards: bool = True, skip_unscored: bool = False):
+def load(kind: str | None = None, with_rewards: bool = True, skip_unscored: bool = False,
+         model: str = "smollm2-135m"):
     """(rows, {extractor name: float32 features}) for the finished chunks of `kind`.
 
     Rows without a reward are an error, or with `skip_unscored` left out with a note on stderr
     (a chunk sampled after the last `python experiments/mbpp_reward.py`).
     """
     rows, feats = [], {}
-    for name in shard_names(kind):
-        rows += [{**r, "chunk": name} for r in read_gz_jsonl(SHARDS / f"{name}.rows.jsonl.gz")]
-        with np.load(SHARDS / f"{name}.feats.npz") as z:
+    shards, rewards_file = shards_dir(model), rewards_path(model)
+    for name in shard_names(kind, model):
+        rows += [{**r, "chunk": name} for r in read_gz_jsonl(shards / f"{name}.rows.jsonl.gz")]
+        with np.load(shards / f"{name}.feats.npz") as z:
             for key in z.files:
                 feats.setdefault(key, []).append(z[key])
     feats = {k: np.concatenate(v).astype(np.float32) for k, v in feats.items()}
     if with_rewards:
-        rewards = {row_key(r): r for r in read_gz_jsonl(REWARDS)} if REWARDS.exists() else {}
+        rewards = {row_key(r): r for r in read_gz_jsonl(rewards_file)} if rewards_file.exists() else {}
         missing = [r for r in rows if row_key(r) not in rewards]
         if missing and not skip_unscored:
-            raise SystemExit(f"{len(missing)} rows have no reward yet: run python experiments/mbpp_reward.py")
+            raise SystemExit(f"{len(missing)} rows have no reward yet: run python experiments/mbpp_reward.py --model {model}")
         if missing:
             chunks = sorted({r["chunk"] for r in missing})
             print(f"left out {len(missing)} rows of chunks {', '.join(chunks)}: no reward yet "

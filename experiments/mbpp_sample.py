@@ -1,9 +1,10 @@
 """Sample the MBPP benchmark data of the README's table: resumable, committed as it goes.
 
-    python experiments/mbpp_sample.py [--commit] [--limit-chunks N] [--worker I/N]
+    python experiments/mbpp_sample.py [--model qwen2.5-coder-0.5b] [--commit] [--limit-chunks N] [--worker I/N]
 
 Draws k=8 completions (T 0.8, top-p 0.95, 300 new tokens, stop when the code block
-closes) from SmolLM2-135M-Instruct for MBPP train+validation (464 prompts) and
+closes) from SmolLM2-135M-Instruct (or Qwen2.5-Coder-0.5B-Instruct in bfloat16,
+which also keeps each sampled token's log-probability) for MBPP train+validation (464 prompts) and
 test (500), plus one greedy completion per test prompt, and keeps the features of
 three extractors taken during the same sampling pass. Work is cut into chunks of
 prompts (test and train chunks interleaved, so a partial run is still usable);
@@ -26,19 +27,27 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
 
 from qprobe.cache import Cache  # noqa: E402
 from qprobe.datasets import mbpp_rows  # noqa: E402
 from qprobe.embedders.hf import HFEmbedder  # noqa: E402
 from qprobe.samplers.hf import HFSampler  # noqa: E402
 
-MBPP = ROOT.parent / "shared" / "data" / "mbpp.jsonl"
-OUT = ROOT / "data" / "mbpp" / "shards"
-MODEL = "smollm2-135m"
+from mbpp_data import shards_dir  # noqa: E402
+
+MBPP = ROOT / "data" / "mbpp" / "mbpp.jsonl"
 K = 8
-CHUNK = 48
-# (layer, pooling): the default extractor first, then the paper's ~80% depth
-EXTRACTORS = [(-1, "last"), (24, "last"), (24, "mean")]
+# per model: (layer, pooling) extractors kept from the sampling pass (the default first,
+# then about 80% depth as the paper, then a middle layer), and the dtype
+# float32 for Qwen: bfloat16 is 1.7x faster only on a CPU with AVX512-BF16; on the AVX2-only
+# machine that ran this job it was slower than float32. Chunks of 24 prompts, with the greedy
+# completions of each test chunk right after it, so that a partial run is a complete subset.
+MODELS = {
+    "smollm2-135m": dict(extractors=[(-1, "last"), (24, "last"), (24, "mean")], dtype=None, chunk=48),
+    "qwen2.5-coder-0.5b": dict(extractors=[(-1, "last"), (19, "last"), (19, "mean"), (12, "mean")],
+                               dtype="float32", chunk=24),
+}
 SETTINGS = dict(temperature=0.8, top_p=0.95, max_new_tokens=300, code_block=True)
 
 
@@ -46,19 +55,24 @@ def chunks(rows, size):
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
-def plan():
+def plan(model="smollm2-135m"):
     """[(name, rows, k, temperature)] in the order they are sampled."""
     test = mbpp_rows(MBPP, splits=["test"])
     train = mbpp_rows(MBPP, splits=["train", "validation"])
-    a, b = chunks(test, CHUNK), chunks(train, CHUNK)
+    size = MODELS[model]["chunk"]
+    a, b = chunks(test, size), chunks(train, size)
+    interleave_greedy = model != "smollm2-135m"  # the SmolLM2 set was sampled with greedy last
     out = []
     for i in range(max(len(a), len(b))):
         if i < len(a):
             out.append((f"test-{i:02d}", a[i], K, 0.8))
+            if interleave_greedy:
+                out.append((f"greedy-{i:02d}", a[i], 1, 0.0))
         if i < len(b):
             out.append((f"train-{i:02d}", b[i], K, 0.8))
-    for i, c in enumerate(chunks(test, 4 * CHUNK)):
-        out.append((f"greedy-{i:02d}", c, 1, 0.0))
+    if not interleave_greedy:
+        for i, c in enumerate(chunks(test, 4 * size)):
+            out.append((f"greedy-{i:02d}", c, 1, 0.0))
     return out
 
 
@@ -75,19 +89,23 @@ def git_commit(paths, message):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS))
     ap.add_argument("--commit", action="store_true", help="git commit each finished chunk")
     ap.add_argument("--limit-chunks", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("QPROBE_THREADS", "1")))
     ap.add_argument("--cache", default=str(ROOT / ".qprobe-cache"))
     ap.add_argument("--worker", default="0/1", metavar="I/N",
                     help="take every N-th unfinished chunk starting at I (run N processes, one per core)")
     args = ap.parse_args()
     import torch
 
-    torch.set_num_threads(int(os.environ.get("QPROBE_THREADS", "1")))
+    torch.set_num_threads(args.threads)
+    OUT = shards_dir(args.model)
+    MODEL, EXTRACTORS, dtype = args.model, MODELS[args.model]["extractors"], MODELS[args.model]["dtype"]
     OUT.mkdir(parents=True, exist_ok=True)
     cache = Cache(args.cache)
-    todo = [p for p in plan() if not (OUT / f"{p[0]}.rows.jsonl.gz").exists()]
+    todo = [p for p in plan(args.model) if not (OUT / f"{p[0]}.rows.jsonl.gz").exists()]
     i, n = map(int, args.worker.split("/"))
     todo = todo[i::n]
     if args.limit_chunks:
@@ -95,12 +113,12 @@ def main():
     print(f"{len(todo)} chunks to sample", flush=True)
     for name, rows, k, temperature in todo:
         t0 = time.time()
-        sampler = HFSampler(MODEL, batch_size=args.batch_size, capture=EXTRACTORS,
+        sampler = HFSampler(MODEL, batch_size=args.batch_size, capture=EXTRACTORS, dtype=dtype,
                             **{**SETTINGS, "temperature": temperature})
         out = sampler.sample(rows, k=k, seed=0, cache=cache)
         feats = {}
         for layer, pooling in EXTRACTORS:
-            emb = HFEmbedder(MODEL, layer=layer, pooling=pooling)
+            emb = HFEmbedder(MODEL, layer=layer, pooling=pooling, dtype=dtype)
             X = emb.embed([(r["prompt"], r["completion"]) for r in out], cache=cache, progress=False)
             feats[f"L{emb.identity()['layer']}_{pooling}"] = X.astype(np.float16)
         stem = OUT / name
@@ -113,7 +131,7 @@ def main():
         ntok = sum(len(r["completion"]) for r in out) / 3.5
         print(f"{name}: {len(out)} rows in {dt:.0f}s (~{ntok / dt:.0f} tok/s est.)", flush=True)
         if args.commit:
-            git_commit([str(stem) + ".feats.npz", str(stem) + ".rows.jsonl.gz"], f"data: MBPP samples, chunk {name}")
+            git_commit([str(stem) + ".feats.npz", str(stem) + ".rows.jsonl.gz"], f"data: MBPP samples ({MODEL}), chunk {name}")
 
 
 if __name__ == "__main__":

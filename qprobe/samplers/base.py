@@ -62,7 +62,9 @@ class Sampler:
     ) -> list[dict]:
         """k completion rows per prompt row, in prompt order then sample order.
 
-        Each output row is the prompt row plus `sample`, `completion` and `finish_reason`.
+        Each output row is the prompt row plus `sample`, `completion` and `finish_reason`,
+        and `n_tokens` and `token_logprobs` (log p of each sampled token at temperature 1)
+        where the backend reports them.
         """
         cache = cache if cache is not None else NullCache()
         jobs = [
@@ -104,7 +106,8 @@ class Sampler:
         out = []
         for (row, s), key in zip(((r, s) for r in prompt_rows for s in range(k)), keys):
             res = done[key]
-            out.append({**row, "sample": s, "completion": res["completion"], "finish_reason": res.get("finish_reason")})
+            # the backend's fields (completion, finish_reason, and where it has them n_tokens, token_logprobs)
+            out.append({**row, "sample": s, "finish_reason": None, **res})
         return out
 
 

@@ -29,6 +29,7 @@ class _Slot:
     job: int
     gen: object  # torch.Generator of this row
     ids: list = field(default_factory=list)  # sampled completion token ids
+    logprobs: list = field(default_factory=list)  # log p(token) under the model (temperature 1), per id
     states: list = field(default_factory=list)  # per fed completion token: (n_capture_layers, hidden)
     prompt_state: object = None  # (n_capture_layers, hidden) at the last prompt token
     final: tuple | None = None  # (text, n_kept, reason) once finished but its last token still needs a feed
@@ -165,7 +166,9 @@ class HFSampler(Sampler):
                     if want_states:
                         s.prompt_state = torch.stack([out.hidden_states[l][r, -1] for l in layers]).float().cpu()
                     new_slots.append(s)
-                first = self._draw(out.logits[:, -1][rows], new_slots)
+                first_logits = out.logits[:, -1][rows]
+                first = self._draw(first_logits, new_slots)
+                first_lp = _token_logprobs(first_logits, first)
                 ppos = m.sum(-1)
                 if not slots:
                     cache, mask, pos = pcache, m, ppos
@@ -177,8 +180,9 @@ class HFSampler(Sampler):
                         L0.values = torch.cat([_lpad(L0.values, T), _lpad(L1.values, T)], 0)
                     mask = torch.cat([_lpad(mask, T, dim=1), _lpad(m, T, dim=1)], 0)
                     pos = torch.cat([pos, ppos])
-                for s, t in zip(new_slots, first):
+                for s, t, lp in zip(new_slots, first, first_lp):
                     s.ids.append(t)
+                    s.logprobs.append(lp)
                 slots += new_slots
                 # a first token can already end a row (EOS, or max_new_tokens 1)
                 done, keep = self._retire(slots, jobs, tok, eos, layers, fed=False)
@@ -199,9 +203,11 @@ class HFSampler(Sampler):
                 for r, s in enumerate(slots):
                     s.states.append(hs[r])
             drawn = self._draw(out.logits[:, -1], slots)
-            for s, t in zip(slots, drawn):
+            drawn_lp = _token_logprobs(out.logits[:, -1], drawn)
+            for s, t, lp in zip(slots, drawn, drawn_lp):
                 if s.final is None:
                     s.ids.append(t)
+                    s.logprobs.append(lp)
             done, keep = self._retire(slots, jobs, tok, eos, layers, fed=True)
             yield from done
             slots, cache, mask, pos = _select(slots, keep, cache, mask, pos)
@@ -239,7 +245,8 @@ class HFSampler(Sampler):
         return text, kept, reason
 
     def _result(self, s: _Slot, prompt, text: str, kept: int, reason: str, layers) -> tuple[int, dict]:
-        res = {"completion": text, "finish_reason": reason, "n_tokens": kept}
+        res = {"completion": text, "finish_reason": reason, "n_tokens": kept,
+               "token_logprobs": [round(float(x), 4) for x in s.logprobs[:kept]]}
         if self.capture:
             from qprobe.embedders.hf import hf_identity, pool_states
             import torch
@@ -274,6 +281,14 @@ def _select(slots, keep, cache, mask, pos):
         for L in cache.layers:
             L.keys, L.values = L.keys[:, :, lead:], L.values[:, :, lead:]
     return slots, cache, mask, pos
+
+
+def _token_logprobs(logits, ids) -> list[float]:
+    """log p(id) under the model's own distribution (temperature 1, no top-p) for each row."""
+    import torch
+
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return lp.gather(1, torch.tensor(ids, device=lp.device)[:, None])[:, 0].tolist()
 
 
 def _lpad(x, T, dim=2):
