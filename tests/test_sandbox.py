@@ -306,6 +306,14 @@ def test_escaped_child_is_killed(backend):
     assert _live_sandbox_pids() == []
 
 
+# prints every 32-hex-digit string it can find in `source`, then exits 0 before the tests run
+_FORGE = """import os, re, sys
+for _t in set(re.findall(r"[0-9a-f]{{32}}", {source})):
+    print(_t)
+sys.stdout.flush()
+os._exit(0)
+"""
+
 HOSTILE = {
     "infinite loop": ("while True:\n    pass", {"timeout"}),
     "memory bomb": ("x = [0] * 10**9", {"memory"}),
@@ -316,6 +324,19 @@ HOSTILE = {
     "exit early": ("import sys\nsys.exit(0)", {"failed: exited before the tests finished"}),
     "exit from atexit": ("import atexit, os\natexit.register(lambda: os._exit(0))",
                          {"failed: exited before the tests finished"}),
+    # issue 16: forging the completion token from what the process can read about itself
+    "token from argv[0]": (_FORGE.format(source="open(sys.argv[0]).read()"),
+                           {"failed: exited before the tests finished"}),
+    "token from cmdline": (_FORGE.format(source="open('/proc/self/cmdline').read()"),
+                           {"failed: exited before the tests finished"}),
+    "token from stdin": (_FORGE.format(source="sys.stdin.read()"),
+                         {"failed: exited before the tests finished"}),
+    "token from environ": (_FORGE.format(source="open('/proc/self/environ').read()"),
+                           {"failed: exited before the tests finished",  # bwrap: not readable at all
+                            "failed: PermissionError: [Errno 13] Permission denied: '/proc/self/environ'"}),
+    "token from the work dir": (_FORGE.format(
+        source="''.join(open(f, errors='replace').read() for f in os.listdir('.') if os.path.isfile(f))"),
+        {"failed: exited before the tests finished"}),
 }
 
 

@@ -21,9 +21,18 @@ Row formats understood (the first one present wins):
 A ``code_prefix`` field, when present, is always put in front of the
 completion's code instead of the prompt.
 
-A completion cannot earn a reward by exiting early (``sys.exit(0)``,
-``os._exit(0)`` from an atexit hook...): the program ends by printing a random
-token, and a run that exits 0 without printing it scores 0.
+What the check proves, and what it does not. A run scores 1.0 only if the
+program returns normally and, after that, the sandbox's boot code writes a
+random token that reached the process over stdin (never through the program
+file, argv, the environment or disk). So a completion cannot earn a reward by
+exiting early (``sys.exit(0)``, ``os._exit(0)``, an atexit hook), by killing
+itself, or by reading the token from its own file, ``sys.argv``,
+``/proc/self/cmdline`` or stdin. The tests run in the same process as the
+completion's code, so code written to attack the check (walking the
+interpreter's frames or heap to find the boot code's copy of the token, or
+patching the test functions it calls) could still forge a pass: the reward
+tests a program's behaviour, it is not a proof against code crafted to defeat
+it. The sandbox still confines such code (see ``sandbox.py``).
 
 It does not sample, embed or store anything.
 """
@@ -157,10 +166,7 @@ def code_reward(row: dict, timeout: float = 3.0, *, backend: str | None = None) 
     if not str(row.get("completion", "")).strip():
         return 0.0, "empty completion"
     token = secrets.token_hex(16)
-    program = (build_program(row)
-               + f"\nimport sys as _qprobe_sys\n_qprobe_sys.stdout.write('\\n{token}\\n')\n"
-               "_qprobe_sys.stdout.flush()\n")
-    result = run_python(program, timeout=timeout, backend=backend)
+    result = run_python(build_program(row), timeout=timeout, backend=backend, token=token)
     if not result.passed:
         return 0.0, result.reason
     if token not in result.stdout:

@@ -271,7 +271,7 @@ def _pick_python(name: str) -> str:
 
 def run_python(program: str, timeout: float = 3.0, memory_mb: int = 512,
                max_output: int = 64_000, *, backend: str | None = None,
-               max_procs: int = 16) -> SandboxResult:
+               max_procs: int = 16, token: str | None = None) -> SandboxResult:
     """Run ``program`` in a sandbox and report how it ended.
 
     Parameters
@@ -289,6 +289,10 @@ def run_python(program: str, timeout: float = 3.0, memory_mb: int = 512,
         See :func:`sandbox_backend`.
     max_procs : int
         RLIMIT_NPROC for the program: processes *and threads* it may have.
+    token : str or None
+        When given, sent to the sandbox over stdin (not argv, environment or a file)
+        and printed on its own line after ``program`` returns normally; the caller
+        checks ``result.stdout`` for it. The program's own stdin is then empty.
 
     Returns
     -------
@@ -298,11 +302,13 @@ def run_python(program: str, timeout: float = 3.0, memory_mb: int = 512,
     if name == "user" and os.geteuid() != 0:
         warnings.warn("sandbox backend 'user' without root cannot protect your files, processes "
                       "or network; install bubblewrap", stacklevel=2)
-    return _execute(program, name, timeout, memory_mb, max_output, max_procs)
+    if token is not None and not (token.isascii() and token.isalnum() and 0 < len(token) <= 64):
+        raise QProbeError("run_python: token must be 1-64 ASCII letters or digits")
+    return _execute(program, name, timeout, memory_mb, max_output, max_procs, token=token)
 
 
 def _execute(program: str, name: str, timeout: float, memory_mb: int, max_output: int,
-             max_procs: int, netns: bool | None = None) -> SandboxResult:
+             max_procs: int, netns: bool | None = None, token: str | None = None) -> SandboxResult:
     """``netns``: whether a ``user`` run as root gets its own network
     namespace; None: as the trial run found."""
     root = os.geteuid() == 0
@@ -322,13 +328,13 @@ def _execute(program: str, name: str, timeout: float, memory_mb: int, max_output
                 os.chown(workdir, uid, 0)
                 os.chmod(workdir, 0o770)
             argv, kwargs = _command(name, python, workdir, main, uid, timeout, memory_mb, max_procs,
-                                    netns)
-            return _supervise(argv, kwargs, name, timeout, max_output, uid)
+                                    netns, token=token is not None)
+            return _supervise(argv, kwargs, name, timeout, max_output, uid, token)
         finally:
             iso.rmtree(workdir)
 
 
-def _command(name, python, workdir, main, uid, timeout, memory_mb, max_procs, netns=False):
+def _command(name, python, workdir, main, uid, timeout, memory_mb, max_procs, netns=False, token=False):
     """argv and Popen keyword arguments for one run."""
     if uid is None and name == "user":
         # RLIMIT_NPROC counts all processes of the real uid: leave ours room.
@@ -340,6 +346,7 @@ def _command(name, python, workdir, main, uid, timeout, memory_mb, max_procs, ne
         "uid": uid if name == "bwrap" else None,
         "blocked": list(iso.NET_EVENTS) if name == "user" else [],
         "main": main,
+        "token": token,
     }
     argv = [python, *iso.python_flags(), "-c", iso.BOOT, json.dumps(spec)]
     env = {
@@ -348,7 +355,7 @@ def _command(name, python, workdir, main, uid, timeout, memory_mb, max_procs, ne
         "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
         "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
     }
-    kwargs = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    kwargs = dict(stdin=subprocess.PIPE if token else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                   env=env, cwd=workdir, close_fds=True, start_new_session=True)
     if name == "bwrap":
         bwrap = _bwrap_path()
@@ -377,10 +384,16 @@ def _bwrap_has_size(bwrap: str) -> bool:
     return _size_cache[bwrap]
 
 
-def _supervise(argv, kwargs, name, timeout, max_output, uid) -> SandboxResult:
+def _supervise(argv, kwargs, name, timeout, max_output, uid, token=None) -> SandboxResult:
     start = time.monotonic()
     proc = subprocess.Popen(argv, **kwargs)
     try:
+        if token is not None:  # a few bytes: fits the pipe buffer, never blocks
+            try:
+                proc.stdin.write(token.encode() + b"\n")
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
         stop, out, err = _collect(proc, start + timeout, max_output)
         duration = time.monotonic() - start
     finally:
