@@ -68,7 +68,7 @@ def run_in_process(args, env=None) -> subprocess.CompletedProcess:
     """The same through click's runner in this process (no interpreter start-up): for reference runs."""
     from click.testing import CliRunner
 
-    from cli import cli
+    from qprobe.cli import cli
 
     extra = {k: v for k, v in (env or {}).items() if os.environ.get(k) != v}
     r = CliRunner(env=extra).invoke(cli, [str(a) for a in args])
@@ -486,7 +486,7 @@ def _hostile_files(d: Path, model_dir: str | None) -> list[tuple[str, list, str 
     probe = d / "probe"
     from click.testing import CliRunner
 
-    from cli import cli
+    from qprobe.cli import cli
 
     r = CliRunner().invoke(cli, ["train", str(good), str(d / "good.npy"), "-o", str(probe), "--objective", "mse"])
     assert r.exit_code == 0, r.output
@@ -612,7 +612,7 @@ def hostile_inputs(work, model_dir: str | None = None) -> list[dict]:
     """
     from click.testing import CliRunner
 
-    from cli import cli
+    from qprobe.cli import cli
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -645,7 +645,7 @@ def empty_completions(work, model_dir: str | None = None) -> list[dict]:
     """
     from click.testing import CliRunner
 
-    from cli import cli
+    from qprobe.cli import cli
     from qprobe.io import load_features, read_jsonl
 
     work = Path(work)

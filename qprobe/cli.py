@@ -1,0 +1,325 @@
+"""The `qprobe` command line: parse, call `qprobe.pipeline`, print. Nothing is computed here.
+
+`qprobe`, `python -m qprobe` and `python cli.py` (from a checkout) are the same program.
+torch and transformers are imported only by the commands that need a model.
+"""
+from __future__ import annotations
+
+import functools
+import json
+
+import click
+
+from qprobe.errors import QProbeError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def user_errors(fn):
+    """Turn a QProbeError (and a few plain mistakes) into one line and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except QProbeError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted; finished work is cached, rerun the same command to resume") from None
+        except MemoryError:
+            raise click.ClickException("out of memory; try a smaller --batch-size") from None
+
+    return wrapper
+
+
+def cache_options(fn):
+    fn = click.option("--cache-dir", type=click.Path(file_okay=False), envvar="QPROBE_CACHE",
+                      help="Where finished completions and features are kept [default: ~/.cache/qprobe].")(fn)
+    fn = click.option("--no-cache", is_flag=True, help="Neither read nor write the cache.")(fn)
+    return fn
+
+
+def make_cache(cache_dir, no_cache):
+    from qprobe.cache import Cache
+
+    return Cache.null() if no_cache else Cache(cache_dir)
+
+
+def model_options(fn):
+    opts = [
+        click.option("--model", "-m", default=None, help="Local model: Hugging Face id, folder, .gguf file, or "
+                     "'smollm2-135m' (the default when no --api-base is given)."),
+        click.option("--api-base", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1."),
+        click.option("--api-model", default=None, help="Model name on the server (required with --api-base)."),
+        click.option("--api-key", default=None, envvar="OPENAI_API_KEY", show_envvar=True,
+                     help="API key (local servers accept any)."),
+        click.option("--device", default=None, help="torch device [default: cuda if present, else cpu]."),
+        click.option("--dtype", default=None, help="torch dtype [default: bfloat16 on cuda, float32 on cpu]."),
+        click.option("--batch-size", type=click.IntRange(1), default=None, help="Rows per model or API batch."),
+        click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
+                     help="API: seconds per HTTP attempt."),
+        click.option("--max-retries", type=click.IntRange(0), default=6, show_default=True,
+                     help="API: retries per request, with exponential backoff from 0.5 s (a refused "
+                          "connection is reported after 15-30 s at the default; 0: at once)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _backend(model, api_base, api_model):
+    if api_base and model:
+        raise QProbeError("give --model or --api-base, not both")
+    if api_base:
+        if not api_model:
+            raise QProbeError("--api-base needs --api-model")
+        return "api"
+    if api_model:
+        raise QProbeError("--api-model needs --api-base")
+    return "hf"
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="qprobe", message="qprobe %(version)s")
+def cli():
+    """Rerank k samples of a frozen language model with a trained linear Q-probe.
+
+    \b
+    prompts.jsonl -sample-> completions.jsonl -reward-> rewarded.jsonl -embed-> features.npy
+    rewarded.jsonl + features.npy -train-> probe/ -rerank/eval-> chosen.jsonl / report
+
+    Start with `qprobe demo` (a small MBPP run on the embedded default model).
+    """
+
+
+# --------------------------------------------------------------------------- prompts
+@cli.command(context_settings=CONTEXT)
+@click.argument("dataset", type=click.Choice(["mbpp", "humaneval"]))
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Prompt rows (JSONL).")
+@click.option("--split", "splits", multiple=True, help="MBPP split(s): prompt, train, validation, test.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Keep the first N tasks.")
+@user_errors
+def prompts(dataset, source, output, splits, limit):
+    """Turn MBPP or HumanEval-format tasks into prompt rows with their tests."""
+    from qprobe.datasets import humaneval_rows, mbpp_rows
+    from qprobe.io import write_jsonl
+
+    splits = [s for arg in splits for s in arg.split(",")]
+    rows = mbpp_rows(source, splits=splits or None, limit=limit) if dataset == "mbpp" else humaneval_rows(source, limit)
+    write_jsonl(output, rows)
+    click.echo(f"wrote {len(rows)} prompts to {output}", err=True)
+
+
+# --------------------------------------------------------------------------- sample
+@cli.command(context_settings=CONTEXT)
+@click.argument("prompts_file", metavar="PROMPTS", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Completion rows (JSONL).")
+@model_options
+@click.option("-k", type=click.IntRange(1), default=8, show_default=True, help="Completions per prompt.")
+@click.option("--temperature", type=click.FloatRange(0), default=0.8, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--code-block/--no-code-block", default=False, show_default=True,
+              help="Stop when the first fenced code block closes (local models).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--capture", multiple=True, metavar="LAYER:POOLING",
+              help="Local models: also keep these features from the sampling pass (e.g. -1:last), so a later "
+                   "`qprobe embed` with the same --layer/--pooling costs no forward pass.")
+@cache_options
+@user_errors
+def sample(prompts_file, output, model, api_base, api_model, api_key, device, dtype, batch_size, request_timeout,
+           max_retries, k, temperature, top_p, max_new_tokens, stop, code_block, seed, capture, cache_dir, no_cache):
+    """Draw k completions per prompt from a local model or an OpenAI-compatible API."""
+    from qprobe.pipeline import sample_file
+    from qprobe.samplers import get_sampler
+
+    settings = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop=list(stop))
+    if _backend(model, api_base, api_model) == "api":
+        if capture:
+            raise QProbeError("--capture works with local models only")
+        if code_block:
+            raise QProbeError("--code-block works with local models only; give the API a --stop string instead")
+        spec = dict(kind="api", api_base=api_base, model=api_model, api_key=api_key, timeout=request_timeout,
+                    max_retries=max_retries, **settings)
+    else:
+        caps = []
+        for c in capture:
+            layer, _, pooling = c.partition(":")
+            try:
+                caps.append((int(layer), pooling or "last"))
+            except ValueError:
+                raise QProbeError(f"--capture {c!r}: expected LAYER:POOLING, e.g. -1:last") from None
+        spec = dict(kind="hf", model=model or "smollm2-135m", device=device, dtype=dtype, batch_size=batch_size,
+                    capture=caps, code_block=code_block, **settings)
+    rows = sample_file(prompts_file, output, get_sampler(spec), k=k, seed=seed, cache=make_cache(cache_dir, no_cache))
+    click.echo(f"wrote {len(rows)} completions to {output}", err=True)
+
+
+# --------------------------------------------------------------------------- reward
+@cli.command(context_settings=CONTEXT)
+@click.argument("completions", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Rows with `reward`.")
+@click.option("--kind", default="code", show_default=True,
+              help="code (run the row's tests in the sandbox), match[:FIELD], regex[:FIELD], or python:MODULE:FN.")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=3.0, show_default=True,
+              help="Seconds per program (code).")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Parallel programs [default: CPU count].")
+@cache_options
+@user_errors
+def reward(completions, output, kind, timeout, workers, cache_dir, no_cache):
+    """Score completions: 1 pass / 0 fail, with the reason in `reward_reason`."""
+    from qprobe.pipeline import reward_file
+
+    rows = reward_file(completions, output, kind, cache=make_cache(cache_dir, no_cache), workers=workers,
+                       timeout=timeout)
+    mean = sum(r["reward"] for r in rows) / len(rows)
+    click.echo(f"wrote {len(rows)} rows to {output}; mean reward {mean:.3f}", err=True)
+
+
+# --------------------------------------------------------------------------- embed
+@cli.command(context_settings=CONTEXT)
+@click.argument("completions", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Features: .npy (+ .npy.json sidecar) or .safetensors.")
+@model_options
+@click.option("--layer", type=int, default=-1, show_default=True, help="Hidden-state index (local models).")
+@click.option("--pooling", type=click.Choice(["last", "mean"]), default="last", show_default=True,
+              help="Last completion token or mean over completion tokens.")
+@click.option("--sentence-model", default=None,
+              help="Use a sentence-embedding model instead (e.g. all-MiniLM-L6-v2).")
+@cache_options
+@user_errors
+def embed(completions, output, model, api_base, api_model, api_key, device, dtype, batch_size, request_timeout,
+          max_retries, layer, pooling, sentence_model, cache_dir, no_cache):
+    """Features of each (prompt, completion) row, aligned with the rows."""
+    from qprobe.embedders import get_embedder
+    from qprobe.pipeline import embed_file
+
+    if sentence_model:
+        if model or api_base:
+            raise QProbeError("--sentence-model excludes --model and --api-base")
+        spec = dict(kind="sentence", model=sentence_model, device=device, batch_size=batch_size)
+    elif _backend(model, api_base, api_model) == "api":
+        spec = dict(kind="api", api_base=api_base, model=api_model, api_key=api_key, batch_size=batch_size,
+                    pooling="mean" if pooling == "mean" else "last", timeout=request_timeout, max_retries=max_retries)
+    else:
+        spec = dict(kind="hf", model=model or "smollm2-135m", layer=layer, pooling=pooling, device=device,
+                    dtype=dtype, batch_size=batch_size)
+    X = embed_file(completions, output, get_embedder(spec), cache=make_cache(cache_dir, no_cache))
+    click.echo(f"wrote features {X.shape[0]} x {X.shape[1]} to {output}", err=True)
+
+
+# --------------------------------------------------------------------------- train / rerank / eval
+where_option = click.option("--where", multiple=True, metavar="FIELD=V1,V2",
+                            help="Use only rows whose FIELD is one of the values (repeatable).")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("rows", type=click.Path(dir_okay=False))
+@click.argument("features", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Probe folder.")
+@click.option("--objective", type=click.Choice(["mse", "ce", "pg", "pref"]), default="pg", show_default=True)
+@click.option("--beta", type=click.FloatRange(0), default=0.1, show_default=True, help="Selection temperature.")
+@click.option("--k", "chunk_k", type=click.IntRange(2), default=None, help="pg: chunk size [default: the probe's].")
+@click.option("--epochs", type=click.IntRange(1), default=None,
+              help="Torch heads (pg, pref, MLP): passes over the data.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None)
+@click.option("--alpha", type=click.FloatRange(0), default=None, help="Linear mse / ce: L2 penalty [default: 1].")
+@click.option("--hidden", type=click.IntRange(1), default=None, help="Hidden units of an MLP head [default: linear].")
+@click.option("--tune", "tune_folds", type=click.IntRange(2), default=None, metavar="FOLDS",
+              help="Choose --alpha (mse, ce) or --epochs (pg, pref, MLP: about 25-1600 steps) and "
+                   "--beta by FOLDS-fold cross-validation over prompts; recommended when positives are few.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@where_option
+@user_errors
+def train(rows, features, output, objective, beta, chunk_k, epochs, lr, alpha, hidden, tune_folds, seed, where):
+    """Fit a Q-probe on rewarded rows and their features."""
+    from qprobe.pipeline import train_file
+
+    if tune_folds and (alpha is not None or epochs is not None):
+        raise QProbeError("--tune chooses --alpha / --epochs itself: give --tune or them, not both")
+    params = dict(objective=objective, beta=beta, random_state=seed, hidden=hidden)
+    params.update({k: v for k, v in dict(k=chunk_k, epochs=epochs, lr=lr, alpha=alpha).items() if v is not None})
+    _, n, tuned = train_file(rows, features, output, where=where, tune_folds=tune_folds, **params)
+    if tuned:
+        chosen = ", ".join(f"{k} {v:g}" for k, v in tuned.params.items())
+        click.echo(f"cross-validation chose {chosen}, beta {tuned.beta:g} "
+                   f"(held-out expected reward {tuned.cv_reward:.3f})", err=True)
+    click.echo(f"trained a {objective} probe on {n} rows; saved to {output}", err=True)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("rows", type=click.Path(dir_okay=False))
+@click.argument("features", type=click.Path(dir_okay=False))
+@click.option("--probe", "probe_dir", required=True, type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="One chosen row per prompt.")
+@click.option("--beta", type=click.FloatRange(0), default=None, help="0 = argmax [default: the probe's beta].")
+@click.option("--seed", type=int, default=None, help="Seed of the softmax draw.")
+@where_option
+@user_errors
+def rerank(rows, features, probe_dir, output, beta, seed, where):
+    """Choose one completion per prompt by softmax(Q / beta)."""
+    from qprobe.pipeline import rerank_file
+
+    out = rerank_file(rows, features, probe_dir, output, beta=beta, seed=seed, where=where)
+    click.echo(f"wrote {len(out)} chosen completions to {output}", err=True)
+
+
+@cli.command("eval", context_settings=CONTEXT)
+@click.argument("rows", type=click.Path(dir_okay=False))
+@click.argument("features", type=click.Path(dir_okay=False))
+@click.option("--probe", "probe_dir", required=True, type=click.Path(file_okay=False))
+@click.option("-k", type=click.IntRange(1), default=None, help="Use the first k samples of each prompt.")
+@click.option("--beta", type=click.FloatRange(0), default=None, help="[default: the probe's beta]")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@where_option
+@user_errors
+def evaluate(rows, features, probe_dir, k, beta, as_json, where):
+    """Report base, probe, best-of-k rewards and the KL of the probe's choice."""
+    from qprobe.pipeline import eval_file
+
+    rep = eval_file(rows, features, probe_dir, k=k, beta=beta, where=where)
+    click.echo(json.dumps(rep) if as_json else format_report(rep))
+
+
+def format_report(rep: dict) -> str:
+    lines = [
+        f"prompts {rep['n_prompts']}, k = {rep['k']}",
+        f"{'policy':<28}{'reward':>8}{'KL (nats)':>11}",
+        f"{'base (mean of k)':<28}{rep['base_reward']:>8.3f}{0.0:>11.3f}",
+        f"{'probe, beta = ' + format(rep['beta'], 'g'):<28}{rep['probe_reward']:>8.3f}{rep['kl']:>11.3f}",
+        f"{'probe, argmax':<28}{rep['argmax_reward']:>8.3f}{rep['argmax_kl']:>11.3f}",
+        f"{'best-of-k oracle':<28}{rep['oracle_reward']:>8.3f}{rep['bon_kl_bound']:>11.3f}",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- demo
+@cli.command(context_settings=CONTEXT)
+@click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--mbpp", "mbpp_path", default=None, type=click.Path(dir_okay=False),
+              help="MBPP file [default: the copy shipped in data/mbpp/].")
+@click.option("--train-tasks", type=click.IntRange(2), default=24, show_default=True)
+@click.option("--test-tasks", type=click.IntRange(1), default=12, show_default=True)
+@click.option("-k", type=click.IntRange(2), default=4, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=160, show_default=True)
+@click.option("--model", "-m", default="smollm2-135m", show_default=True)
+@cache_options
+@user_errors
+def demo(out_dir, mbpp_path, train_tasks, test_tasks, k, max_new_tokens, model, cache_dir, no_cache):
+    """A small MBPP run end to end: sample, reward, embed, train, eval (minutes on 2 cores)."""
+    from qprobe.demo import run_demo
+
+    rep = run_demo(out_dir, mbpp_path, train_tasks, test_tasks, k, max_new_tokens, model,
+                   cache=make_cache(cache_dir, no_cache), echo=lambda s: click.echo(s, err=True))
+    click.echo(format_report(rep))
+
+
+def main():
+    cli(prog_name="qprobe")
+
+
+if __name__ == "__main__":
+    main()
