@@ -97,12 +97,21 @@ def main():
     ap.add_argument("--cache", default=str(ROOT / ".qprobe-cache"))
     ap.add_argument("--worker", default="0/1", metavar="I/N",
                     help="take every N-th unfinished chunk starting at I (run N processes, one per core)")
+    ap.add_argument("--device", default=None, help="e.g. cuda [default: cuda if present, else cpu]")
+    ap.add_argument("--dtype", default=None, help="override the model's dtype (e.g. bfloat16 on a GPU)")
+    ap.add_argument("--out", default=None, help="shards folder [default: the model's data folder]")
+    ap.add_argument("--extractors", type=int, default=None, help="keep only the first N extractors")
+    ap.add_argument("--all-at-once", action="store_true",
+                    help="sample the rows of all chunks in one continuous batch (a GPU), then write the chunks")
+    ap.add_argument("--limit-prompts", type=int, default=None, help="only the first N prompts of each chunk (tests)")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    OUT = shards_dir(args.model)
+    OUT = Path(args.out) if args.out else shards_dir(args.model)
     MODEL, EXTRACTORS, dtype = args.model, MODELS[args.model]["extractors"], MODELS[args.model]["dtype"]
+    EXTRACTORS = EXTRACTORS[: args.extractors] if args.extractors else EXTRACTORS
+    dtype = args.dtype or dtype
     OUT.mkdir(parents=True, exist_ok=True)
     cache = Cache(args.cache)
     todo = [p for p in plan(args.model) if not (OUT / f"{p[0]}.rows.jsonl.gz").exists()]
@@ -110,15 +119,26 @@ def main():
     todo = todo[i::n]
     if args.limit_chunks:
         todo = todo[: args.limit_chunks]
+    if args.limit_prompts:
+        todo = [(name, rows[: args.limit_prompts], k, t) for name, rows, k, t in todo]
     print(f"{len(todo)} chunks to sample", flush=True)
+
+    def sampler_for(temperature):
+        return HFSampler(MODEL, batch_size=args.batch_size, capture=EXTRACTORS, dtype=dtype, device=args.device,
+                         **{**SETTINGS, "temperature": temperature})
+
+    if args.all_at_once:  # one sample() call per (k, temperature): the continuous batch never drains between chunks
+        for k, temperature in sorted({(k, t) for _, _, k, t in todo}, reverse=True):
+            rows = [r for _, rs, kk, t in todo if (kk, t) == (k, temperature) for r in rs]
+            t0 = time.time()
+            sampler_for(temperature).sample(rows, k=k, seed=0, cache=cache)
+            print(f"sampled {len(rows)} prompts x {k} (T {temperature}) in {time.time() - t0:.0f}s", flush=True)
     for name, rows, k, temperature in todo:
         t0 = time.time()
-        sampler = HFSampler(MODEL, batch_size=args.batch_size, capture=EXTRACTORS, dtype=dtype,
-                            **{**SETTINGS, "temperature": temperature})
-        out = sampler.sample(rows, k=k, seed=0, cache=cache)
+        out = sampler_for(temperature).sample(rows, k=k, seed=0, cache=cache, progress=not args.all_at_once)
         feats = {}
         for layer, pooling in EXTRACTORS:
-            emb = HFEmbedder(MODEL, layer=layer, pooling=pooling, dtype=dtype)
+            emb = HFEmbedder(MODEL, layer=layer, pooling=pooling, dtype=dtype, device=args.device)
             X = emb.embed([(r["prompt"], r["completion"]) for r in out], cache=cache, progress=False)
             feats[f"L{emb.identity()['layer']}_{pooling}"] = X.astype(np.float16)
         stem = OUT / name
