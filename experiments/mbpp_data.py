@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {
     "smollm2-135m": ROOT / "data" / "mbpp",
     "qwen2.5-coder-0.5b": ROOT / "data" / "mbpp-qwen2.5-coder-0.5b",
+    # HumanEval samples of the same model, for the transfer row of the MBPP table
+    "humaneval-qwen2.5-coder-0.5b": ROOT / "data" / "humaneval-qwen2.5-coder-0.5b",
 }
 DATA = DATASETS["smollm2-135m"]
 

@@ -34,9 +34,11 @@ from qprobe.datasets import mbpp_rows  # noqa: E402
 from qprobe.embedders.hf import HFEmbedder  # noqa: E402
 from qprobe.samplers.hf import HFSampler  # noqa: E402
 
-from mbpp_data import shards_dir  # noqa: E402
+from mbpp_data import DATASETS, shards_dir  # noqa: E402
+from qprobe.datasets import humaneval_rows  # noqa: E402
 
 MBPP = ROOT / "data" / "mbpp" / "mbpp.jsonl"
+HUMANEVAL = ROOT / "data" / "humaneval" / "HumanEval.jsonl.gz"
 K = 8
 # per model: (layer, pooling) extractors kept from the sampling pass (the default first,
 # then about 80% depth as the paper, then a middle layer), and the dtype
@@ -55,8 +57,10 @@ def chunks(rows, size):
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
-def plan(model="smollm2-135m"):
+def plan(model="smollm2-135m", dataset="mbpp"):
     """[(name, rows, k, temperature)] in the order they are sampled."""
+    if dataset == "humaneval":  # the transfer set: all 164 tasks at k = 8, no greedy
+        return [(f"he-{i:02d}", c, K, 0.8) for i, c in enumerate(chunks(humaneval_rows(HUMANEVAL), 24))]
     test = mbpp_rows(MBPP, splits=["test"])
     train = mbpp_rows(MBPP, splits=["train", "validation"])
     size = MODELS[model]["chunk"]
@@ -90,6 +94,7 @@ def git_commit(paths, message):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS))
+    ap.add_argument("--dataset", default="mbpp", choices=["mbpp", "humaneval"])
     ap.add_argument("--commit", action="store_true", help="git commit each finished chunk")
     ap.add_argument("--limit-chunks", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -108,13 +113,14 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    OUT = Path(args.out) if args.out else shards_dir(args.model)
+    OUT = Path(args.out) if args.out else shards_dir(args.model if args.dataset == "mbpp"
+                                                      else f"{args.dataset}-{args.model}")
     MODEL, EXTRACTORS, dtype = args.model, MODELS[args.model]["extractors"], MODELS[args.model]["dtype"]
     EXTRACTORS = EXTRACTORS[: args.extractors] if args.extractors else EXTRACTORS
     dtype = args.dtype or dtype
     OUT.mkdir(parents=True, exist_ok=True)
     cache = Cache(args.cache)
-    todo = [p for p in plan(args.model) if not (OUT / f"{p[0]}.rows.jsonl.gz").exists()]
+    todo = [p for p in plan(args.model, args.dataset) if not (OUT / f"{p[0]}.rows.jsonl.gz").exists()]
     i, n = map(int, args.worker.split("/"))
     todo = todo[i::n]
     if args.limit_chunks:
