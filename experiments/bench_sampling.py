@@ -2,6 +2,7 @@
 
     python experiments/bench_sampling.py                       # SmolLM2-135M on this CPU
     python experiments/bench_sampling.py --random llama-7b --tokenizer DIR --device cuda   # a GPU
+    python experiments/bench_sampling.py --model qwen2.5-coder-0.5b --dtype-compare        # fp32 vs bf16, LM head
 
 Prints, for the same MBPP chat prompts:
   1. useful tokens/s of qprobe's continuous-batching sampler vs a plain loop that
@@ -9,6 +10,8 @@ Prints, for the same MBPP chat prompts:
   2. the cost of keeping features during sampling (capture on vs off);
   3. feature extraction tokens/s of HFEmbedder vs a bare batched forward pass of
      the same rows in the same batches.
+  4. with --dtype-compare: decode tokens/s per step at --batch-size and a feature
+     pass's tokens/s with and without the LM head, in float32 and bfloat16.
 "Useful" tokens are those kept in the completions (up to the stop), counted
 with the same tokenizer for both samplers. `--random NAME` builds a randomly
 initialised model of a real shape from its config (no download); a random model
@@ -88,6 +91,61 @@ def plain_loop(model, tok, rows, k, max_new_tokens, temperature, top_p, device):
     return out
 
 
+def dtype_compare(name, batch, steps=16, prompt_len=128, threads=None):
+    """Decode tok/s per step and forward tok/s with / without the LM head, float32 vs bfloat16 (CPU)."""
+    import torch
+    from transformers import DynamicCache
+
+    from qprobe import hfmodel
+
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        hfmodel.load_model.cache_clear()
+        model, tok = hfmodel.load_model(name, "cpu", dtype)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(100, 1000, (batch, prompt_len), generator=g)
+        with torch.inference_mode():
+            cache = DynamicCache()
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            x = ids[:, -1:]
+            model(input_ids=x, past_key_values=cache, use_cache=True)  # warm-up step
+            t = time.perf_counter()
+            for _ in range(steps):
+                model(input_ids=x, past_key_values=cache, use_cache=True)
+            decode = batch * steps / (time.perf_counter() - t)
+            fwd_ids = ids[: max(1, batch // 4)]
+            n = fwd_ids.numel()
+            timings = {}
+            for label, fn in (("with_head", lambda: model(input_ids=fwd_ids)),
+                              ("no_head", lambda: model.get_decoder()(input_ids=fwd_ids))):
+                fn()
+                t = time.perf_counter()
+                fn()
+                timings[label] = n / (time.perf_counter() - t)
+        out[dtype] = {"decode_tok_s": decode, "forward_tok_s_with_head": timings["with_head"],
+                      "forward_tok_s_no_head": timings["no_head"]}
+        print(f"{dtype:9s}: decode {decode:6.0f} tok/s (batch {batch}); feature pass {timings['no_head']:6.0f} tok/s "
+              f"without the LM head, {timings['with_head']:6.0f} with it", flush=True)
+        del model
+    hfmodel.load_model.cache_clear()
+    out["bf16_decode_speedup"] = out["bfloat16"]["decode_tok_s"] / out["float32"]["decode_tok_s"]
+    out["bf16_forward_speedup"] = out["bfloat16"]["forward_tok_s_no_head"] / out["float32"]["forward_tok_s_no_head"]
+    out["head_cost_float32"] = out["float32"]["forward_tok_s_no_head"] / out["float32"]["forward_tok_s_with_head"] - 1
+    print(f"bfloat16 / float32: decode {out['bf16_decode_speedup']:.2f}x, feature pass {out['bf16_forward_speedup']:.2f}x;"
+          f" the LM head adds {100 * out['head_cost_float32']:.0f}% to a float32 feature pass", flush=True)
+    return out
+
+
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    wanted = [x for x in flags if x.startswith(("avx512_bf16", "amx", "avx512f", "avx2"))]
+    return " ".join(sorted(wanted)) or "none of avx2/avx512/amx"
+
+
 def useful_tokens(tok, texts):
     return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
 
@@ -105,8 +163,19 @@ def main():
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-plain", action="store_true")
+    ap.add_argument("--dtype-compare", action="store_true",
+                    help="only compare float32 and bfloat16 decode and feature-pass speed on the CPU")
     args = ap.parse_args()
     import torch
+
+    if args.dtype_compare:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        res = {"model": args.model, "threads": torch.get_num_threads(), "cpu_flags": cpu_flags()}
+        print(f"{args.model} on CPU, {res['threads']} threads, flags: {res['cpu_flags']}", flush=True)
+        res.update(dtype_compare(args.model, args.batch_size, threads=args.threads))
+        print(json.dumps(res))
+        return
 
     from qprobe.datasets import mbpp_rows
     from qprobe.embedders.hf import HFEmbedder

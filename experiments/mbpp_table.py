@@ -1,15 +1,18 @@
 """The README's MBPP table and reward-vs-KL plot, from the committed data (minutes on 2 cores).
 
-    python experiments/mbpp_table.py [--json] [--seeds 5] [--plot experiments/results/mbpp_reward_kl.png]
+    python experiments/mbpp_table.py [--model qwen2.5-coder-0.5b] [--json] [--seeds 5]
 
 Trains a probe of each objective (mse, ce, pg) on MBPP train+validation prompts and
 reports on test prompts with k = 8: base pass@1 (mean reward), greedy pass@1 when
-greedy samples exist, the probe's pass@1 at beta = 0 and at the beta (and
+greedy samples exist, likelihood reranking (the sample with the highest mean or
+summed token log-prob, where the sampler kept them), the probe's pass@1 at beta = 0 and at the beta (and
 regularisation strength) chosen by 5-fold cross-validation over train+validation
 prompts, the best-of-8 oracle, and
 the KL of each choice to the base sampler. Mean and spread over seeds of probe
 training. Also the feature variants the paper tried (layer, pooling, a 2-layer
-head, sentence embeddings) for the objective chosen by cross-validation. `--json`: last line is one JSON object.
+head, sentence embeddings) for the objective chosen by cross-validation, and pass@1 against k
+(1, 2, 4, 8: the first k samples of each prompt) for probe, best-of-k and base.
+`--json`: last line is one JSON object. The plots go to experiments/results/<model>_*.png.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mbpp_data import ROOT, is_greedy, load  # noqa: E402
+from mbpp_data import DATASETS, ROOT, is_greedy, load  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from qprobe import QProbe  # noqa: E402
@@ -32,6 +35,16 @@ from qprobe.tune import tune  # noqa: E402
 
 OBJECTIVES = ["mse", "ce", "pg"]
 K = 8
+# per model: the default extractor, then the variants the paper tried (name, feature key, MLP hidden size)
+FEATURES = {
+    "smollm2-135m": ("L30_last", [("layer 24, last token", "L24_last", None), ("layer 24, mean", "L24_mean", None),
+                                  ("layer 30, last, 2-layer head", "L30_last", 256)]),
+    "qwen2.5-coder-0.5b": ("L24_last", [("layer 19, last token", "L19_last", None),
+                                        ("layer 19, mean", "L19_mean", None),
+                                        ("layer 12, mean", "L12_mean", None),
+                                        ("layer 24, last, 2-layer head", "L24_last", 256)]),
+}
+TITLES = {"smollm2-135m": "SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct"}
 SWEEP = [10.0, 3.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.003, 0.002, 0.001, 0.0003, 0.0]
 
 
@@ -65,21 +78,52 @@ def bootstrap_gain(q, y, g, beta, n=2000, seed=0):
     return float(lo), float(hi)
 
 
+def likelihood_rerank(rows, y, g, mask):
+    """pass@1 and KL of picking, per prompt, the sample with the highest summed / mean token log-prob."""
+    idx = np.flatnonzero(mask)
+    if not all("token_logprobs" in rows[i] for i in idx):
+        return None
+    out = {}
+    for name, fn in (("sum", np.sum), ("mean", lambda v: np.mean(v) if len(v) else 0.0)):
+        q = np.array([fn(rows[i]["token_logprobs"]) for i in idx], dtype=float)
+        rep = selection_report(q, y[idx], g[idx], 0.0)
+        out[name] = (rep["probe_reward"], rep["kl"])
+    return out
+
+
+def pass_at_k_curve(q, y, g, sample_idx, beta, ks=(1, 2, 4, 8)):
+    """[(k, base, probe, best-of-k)] using each prompt's first k samples."""
+    out = []
+    for k in ks:
+        m = sample_idx < k
+        rep = selection_report(q[m], y[m], g[m], beta)
+        out.append((k, rep["base_reward"], rep["probe_reward"], rep["oracle_reward"]))
+    return out
+
+
 def ms(values):
     return float(np.mean(values)), float(np.std(values))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", choices=sorted(DATASETS))
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--features", default="L30_last", help="extractor for the objective table")
+    ap.add_argument("--features", default=None, help="extractor for the objective table [default: the model's]")
     ap.add_argument("--no-variants", action="store_true")
-    ap.add_argument("--plot", default=str(ROOT / "experiments" / "results" / "mbpp_reward_kl.png"))
+    ap.add_argument("--plot", default=None, help="reward-vs-KL plot [default: experiments/results/<model>_reward_kl.png; "
+                    "SmolLM2: mbpp_reward_kl.png]")
     args = ap.parse_args()
     t0 = time.time()
+    default_features, variant_list = FEATURES[args.model]
+    args.features = args.features or default_features
+    results = ROOT / "experiments" / "results"
+    if args.plot is None:
+        args.plot = str(results / ("mbpp_reward_kl.png" if args.model == "smollm2-135m"
+                                   else f"{args.model}_reward_kl.png"))
 
-    rows, feats = load(skip_unscored=True)
+    rows, feats = load(skip_unscored=True, model=args.model)
     split = np.array([r["split"] for r in rows])
     samp = np.array([not is_greedy(r) for r in rows])  # greedy chunks: one T=0 sample
     n_sampled = int(samp.sum())
@@ -87,7 +131,8 @@ def main():
     g = group_ids(rows)
     tr = samp & np.isin(split, ["train", "validation"])
     te = samp & (split == "test")
-    res = {"n_train_prompts": int(len(np.unique(g[tr]))), "n_test_prompts": int(len(np.unique(g[te]))), "k": K,
+    res = {"model": args.model, "features": args.features,
+           "n_train_prompts": int(len(np.unique(g[tr]))), "n_test_prompts": int(len(np.unique(g[te]))), "k": K,
            "n_rows": int(n_sampled), "seeds": args.seeds}
     base = selection_report(np.zeros(te.sum()), y[te], g[te], 0.0)
     res.update(base_pass1=base["base_reward"], oracle_pass8=base["oracle_reward"], bon_kl_bound=base["bon_kl_bound"],
@@ -98,6 +143,12 @@ def main():
         gm = [i for i in np.flatnonzero(gmask) if rows[i]["prompt_id"] in test_ids]
         res["greedy_pass1"] = float(y[gm].mean()) if gm else None
         res["n_greedy_prompts"] = len(gm)
+
+    lik = likelihood_rerank(rows, y, g, te)
+    res["logprob_pass1"] = lik["mean"][0] if lik else None
+    res["logprob_kl"] = lik["mean"][1] if lik else None
+    res["logprob_sum_pass1"] = lik["sum"][0] if lik else None
+    res["logprob_sum_kl"] = lik["sum"][1] if lik else None
 
     X = feats[args.features]
     table, curves, gains = {}, {}, {}
@@ -117,14 +168,13 @@ def main():
     cv = {obj: table[obj]["cv_pass1"][0] for obj in OBJECTIVES}
     best = max(cv, key=cv.get)
     res.update(best_objective=best, best_probe_pass1=table[best]["pass1"][0], best_probe_kl=table[best]["kl"][0],
-               best_gain_ci95=gains[best],
+               best_gain_ci95=gains[best], gain_ci_low=gains[best][0], gain_ci_high=gains[best][1],
                cv_pass1=cv, gap_closed=(table[best]["pass1"][0] - res["base_pass1"]) /
                max(res["oracle_pass8"] - res["base_pass1"], 1e-9))
 
     if not args.no_variants:  # what the paper tried, each tuned the same way, for the CV-chosen objective
         variants = {}
-        for name, key, hidden in [("layer 24, last token", "L24_last", None), ("layer 24, mean", "L24_mean", None),
-                                  ("layer 30, last, 2-layer head", args.features, 256)]:
+        for name, key, hidden in variant_list:
             runs = evaluate(best, feats[key][tr], y[tr], g[tr], feats[key][te], y[te], g[te],
                             1 if hidden else max(1, args.seeds // 2), hidden)  # MLP: slow on CPU
             variants[name] = ms([r["pass1"] for r in runs])
@@ -134,10 +184,30 @@ def main():
             variants["all-MiniLM-L6-v2 sentence embedding"] = ms([r["pass1"] for r in runs])
         res["feature_variants"] = {"objective": best, "pass1": variants}
 
+    # pass@1 against k for the CV-chosen objective (seed 0, its CV beta), base and best-of-k
+    sample_idx = np.array([r["sample"] for r in rows])
+    q0 = fit(best, table[best]["params"][0], X[tr], y[tr], g[tr], 0).predict(X[te])
+    res["pass_at_k"] = pass_at_k_curve(q0, y[te], g[te], sample_idx[te], table[best]["betas"][0])
+
     if args.plot:
         plot(curves, res, args.plot)
+        plot_k(res, str(Path(args.plot).with_name(Path(args.plot).stem.replace("reward_kl", "pass_at_k") + ".png")))
         where = Path(args.plot).resolve()
         res["plot"] = str(where.relative_to(ROOT)) if where.is_relative_to(ROOT) else str(where)
+    # HumanEval transfer: the MBPP-trained probe (CV-chosen objective, seed 0) reranks HumanEval samples
+    he = f"humaneval-{args.model}"
+    res["humaneval_base_pass1"] = res["humaneval_probe_pass1"] = None
+    if he in DATASETS and (DATASETS[he] / "rewards.jsonl.gz").exists():
+        hrows, hfeats = load(skip_unscored=True, model=he)
+        hy = np.array([r["reward"] for r in hrows], dtype=float)
+        hg = group_ids(hrows)
+        hq = fit(best, table[best]["params"][0], X[tr], y[tr], g[tr], 0).predict(hfeats[args.features])
+        rep = selection_report(hq, hy, hg, table[best]["betas"][0])
+        arg = selection_report(hq, hy, hg, 0.0)
+        res.update(n_humaneval_prompts=int(len(np.unique(hg))), humaneval_base_pass1=rep["base_reward"],
+                   humaneval_probe_pass1=rep["probe_reward"], humaneval_probe_kl=rep["kl"],
+                   humaneval_argmax_pass1=arg["probe_reward"], humaneval_oracle_pass8=rep["oracle_reward"],
+                   humaneval_gain_ci95=bootstrap_gain(hq, hy, hg, table[best]["betas"][0]))
     res["seconds"] = round(time.time() - t0)
     print_table(res)
     if args.json:
@@ -172,11 +242,34 @@ def plot(curves, res, path):
         ax.axhline(res["greedy_pass1"], color="gray", ls="--", lw=1, label="greedy")
     ax.set_xlabel("KL to the base sampler (nats), beta from large to 0")
     ax.set_ylabel("MBPP test pass@1 (expected)")
-    ax.set_title(f"SmolLM2-135M-Instruct, {res['n_test_prompts']} test prompts, k = 8")
+    ax.set_title(f"{TITLES[res['model']]}, {res['n_test_prompts']} MBPP test prompts, k = 8")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def plot_k(res, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = np.array(res["pass_at_k"])
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.plot(c[:, 0], c[:, 2], marker="o", label=f"Q-probe ({res['best_objective']}, CV beta)")
+    ax.plot(c[:, 0], c[:, 3], marker="*", color="red", label="best-of-k oracle")
+    ax.plot(c[:, 0], c[:, 1], marker="s", color="black", label="base sampler")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(c[:, 0])
+    ax.set_xticklabels([str(int(k)) for k in c[:, 0]])
+    ax.set_xlabel("k (samples per prompt)")
+    ax.set_ylabel("MBPP test pass@1")
+    ax.set_title(f"{TITLES[res['model']]}, {res['n_test_prompts']} test prompts")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
@@ -188,6 +281,10 @@ def print_table(res):
     print(f"{'base (sampled, T 0.8)':<34}{res['base_pass1']:>16.3f}{0:>12.3f}", file=p)
     if res.get("greedy_pass1") is not None:
         print(f"{'greedy':<34}{res['greedy_pass1']:>16.3f}{'-':>12}", file=p)
+    if res.get("logprob_pass1") is not None:
+        print(f"{'max mean token log-prob':<34}{res['logprob_pass1']:>16.3f}{res['logprob_kl']:>12.3f}", file=p)
+        print(f"{'max summed token log-prob':<34}{res['logprob_sum_pass1']:>16.3f}{res['logprob_sum_kl']:>12.3f}",
+              file=p)
     for obj, t in res["objectives"].items():
         print(f"{'Q-probe ' + obj + ', beta by CV':<34}{t['pass1'][0]:>9.3f} ± {t['pass1'][1]:.3f}{t['kl'][0]:>12.3f}",
               file=p)
@@ -197,6 +294,14 @@ def print_table(res):
     lo, hi = res["best_gain_ci95"]
     print(f"best on CV: {res['best_objective']}; its gain over base, 95% paired bootstrap over test prompts "
           f"(seed 0): [{lo:+.3f}, {hi:+.3f}]; gap closed {res['gap_closed']:.0%}", file=p)
+    print("pass@1 against k (first k samples of each prompt): " + ", ".join(
+        f"k={k}: base {b:.3f} probe {q:.3f} best-of-k {o:.3f}" for k, b, q, o in res["pass_at_k"]), file=p)
+    if res.get("humaneval_base_pass1") is not None:
+        lo, hi = res["humaneval_gain_ci95"]
+        print(f"HumanEval transfer ({res['n_humaneval_prompts']} prompts, k = 8, probe trained on MBPP): base "
+              f"{res['humaneval_base_pass1']:.3f}, probe {res['humaneval_probe_pass1']:.3f} (argmax "
+              f"{res['humaneval_argmax_pass1']:.3f}; gain 95% CI [{lo:+.3f}, {hi:+.3f}]), best-of-8 "
+              f"{res['humaneval_oracle_pass8']:.3f}", file=p)
     var = res.get("feature_variants")
     for name, (m, s) in (var["pass1"].items() if var else []):
         print(f"  {var['objective']} with {name:<40}{m:.3f} ± {s:.3f}", file=p)
