@@ -41,7 +41,8 @@ FEATURES = {
                                   ("layer 30, last, 2-layer head", "L30_last", 256)]),
     "qwen2.5-coder-0.5b": ("L24_last", [("layer 19, last token", "L19_last", None),
                                         ("layer 19, mean", "L19_mean", None),
-                                        ("layer 12, mean", "L12_mean", None),
+                                        ("layer 24, last + token log-probs", "L24_last+logp", None),
+                                        ("layer 19, mean + token log-probs", "L19_mean+logp", None),
                                         ("layer 24, last, 2-layer head", "L24_last", 256)]),
 }
 TITLES = {"smollm2-135m": "SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct"}
@@ -149,6 +150,13 @@ def main():
     res["logprob_kl"] = lik["mean"][1] if lik else None
     res["logprob_sum_pass1"] = lik["sum"][0] if lik else None
     res["logprob_sum_kl"] = lik["sum"][1] if lik else None
+
+    if lik:  # the sampler's own likelihood as two more features (summed and mean token log-prob, standardised)
+        lp = np.array([[np.sum(r.get("token_logprobs") or [0.0]), np.mean(r.get("token_logprobs") or [0.0])]
+                       for r in rows])
+        lp = (lp - lp[tr].mean(0)) / (lp[tr].std(0) + 1e-9)
+        for key in list(feats):
+            feats[key + "+logp"] = np.hstack([feats[key], lp.astype(np.float32)])
 
     X = feats[args.features]
     table, curves, gains = {}, {}, {}
