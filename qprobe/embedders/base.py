@@ -134,23 +134,12 @@ def _run_threads(run, commit, batches, workers: int) -> None:
 
 
 def get_embedder(spec: dict) -> Embedder:
-    """Build an embedder from a CLI-style spec dict.
+    """Build an embedder from a CLI-style spec dict: kind (a registered embedder name) plus its options.
 
-    spec keys: kind ("hf" | "sentence" | "api"), and the backend's own options.
-    Heavy imports happen only here, inside the chosen branch.
+    Names come from the ``qprobe.embedders`` entry-point group (see `qprobe.registry`);
+    heavy imports happen only when the chosen backend's module is imported.
     """
-    kind = spec.get("kind", "hf")
+    from qprobe.registry import EMBEDDERS, build
+
     opts = {k: v for k, v in spec.items() if k != "kind" and v is not None}
-    if kind == "hf":
-        from qprobe.embedders.hf import HFEmbedder
-
-        return HFEmbedder(**opts)
-    if kind == "sentence":
-        from qprobe.embedders.sentence import SentenceEmbedder
-
-        return SentenceEmbedder(**opts)
-    if kind == "api":
-        from qprobe.embedders.openai_api import OpenAIEmbedder
-
-        return OpenAIEmbedder(**opts)
-    raise QProbeError(f"unknown embedder kind {kind!r} (expected hf, sentence or api)")
+    return build(EMBEDDERS, spec.get("kind", "hf"), opts)
