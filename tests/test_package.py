@@ -91,3 +91,30 @@ def test_wheel_holds_the_package_its_data_and_entry_points(tmp_path):
     eps = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     for group in ("[console_scripts]", "[qprobe.samplers]", "[qprobe.embedders]", "[qprobe.rewards]"):
         assert group in eps
+
+
+def test_declared_dependencies_are_the_imported_ones():
+    """install_requires + extras cover every third-party import under qprobe/, and each core requirement is used."""
+    import ast
+    import configparser
+    import re
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    import_name = {"scikit-learn": "sklearn"}  # distribution -> top-level module, where they differ
+
+    def names(text):
+        return {import_name.get(n, n) for n in re.findall(r"^\s*([A-Za-z0-9_.-]+)", text, re.M)}
+
+    core = names(cfg["options"]["install_requires"])
+    extras = set().union(*(names(v) for v in cfg["options.extras_require"].values()))
+    imported = set()
+    for path in (ROOT / "qprobe").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"qprobe", "httpx", "httpx2"}  # httpx: openai's own
+    assert third_party <= core | extras, third_party - core - extras
+    assert core <= imported, core - imported
