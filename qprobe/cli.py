@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import click
 
@@ -379,6 +380,53 @@ def demo(out_dir, mbpp_path, train_tasks, test_tasks, k, max_new_tokens, model, 
     rep = run_demo(out_dir, mbpp_path, train_tasks, test_tasks, k, max_new_tokens, model,
                    cache=make_cache(cache_dir, no_cache), echo=lambda s: click.echo(s, err=True))
     click.echo(format_report(rep))
+
+
+# --------------------------------------------------------------------------- cache
+@cli.group("cache", context_settings=CONTEXT)
+def cache_group():
+    """Show or clear the cache of finished completions, rewards and features."""
+
+
+def _existing_cache(cache_dir):
+    from qprobe.cache import DEFAULT_CACHE_DIR, Cache
+
+    directory = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
+    return Cache(directory) if (directory / "cache.sqlite").exists() else None, directory
+
+
+cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False), envvar="QPROBE_CACHE",
+                                help="The cache folder [default: ~/.cache/qprobe].")
+
+
+@cache_group.command("size", context_settings=CONTEXT)
+@cache_dir_option
+@user_errors
+def cache_size(cache_dir):
+    """Entries and bytes on disk."""
+    cache, directory = _existing_cache(cache_dir)
+    if cache is None:
+        click.echo(f"no cache in {directory}")
+        return
+    st = cache.stats()
+    kinds = ", ".join(f"{n} {'feature vectors' if k == 'f32' else 'completions/rewards'}"
+                      for k, n in sorted(st["entries"].items())) or "empty"
+    click.echo(f"{st['path']}: {st['bytes'] / 2**20:.1f} MiB; {kinds}")
+
+
+@cache_group.command("clear", context_settings=CONTEXT)
+@cache_dir_option
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+@user_errors
+def cache_clear(cache_dir, yes):
+    """Delete every cached completion, reward and feature (the next runs recompute them)."""
+    cache, directory = _existing_cache(cache_dir)
+    if cache is None:
+        click.echo(f"no cache in {directory}")
+        return
+    if not yes:
+        click.confirm(f"delete every entry in {cache.path}?", abort=True)
+    click.echo(f"deleted {cache.clear()} entries from {cache.path}")
 
 
 def main():

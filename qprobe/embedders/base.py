@@ -101,7 +101,7 @@ class Embedder:
             return np.zeros((0, 0), dtype=np.float32)
         dims = {found[k].shape[0] for k in keys}
         if len(dims) != 1:
-            raise QProbeError(f"cache holds features of several sizes {sorted(dims)} for one embedder; clear the cache")
+            raise QProbeError(f"cache holds features of several sizes {sorted(dims)} for one embedder; clear it with `qprobe cache clear`")
         return np.stack([found[k] for k in keys]).astype(np.float32)
 
 
