@@ -471,7 +471,7 @@ def concurrent_embeds(work, n_rows: int = 200, timeout: float = 120) -> dict:
 # ------------------------------------------------------------------ scenario: hostile inputs
 def _hostile_files(d: Path, model_dir: str | None) -> list[tuple[str, list, str | None]]:
     """(what, CLI args, text the error must contain, or None if the input must be accepted)."""
-    from qprobe.probe import _digest
+    from qprobe._probe_io import _digest
     import pickle
     import shutil
 

@@ -36,8 +36,8 @@ from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from qprobe._probe_io import FORMAT, _digest, _load_probe, _save_probe  # noqa: F401 - FORMAT, _digest re-exported
-from qprobe._train import _epoch_segments, _fit_logistic, _fit_ridge, _fit_torch, _moments  # noqa: F401
+from qprobe._probe_io import _load_probe, _save_probe
+from qprobe._train import _fit_logistic, _fit_ridge, _fit_torch, _moments
 from qprobe.errors import QProbeError, _one_line
 from qprobe.select import group_index, select_indices, selection_report
 
