@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from qprobe.cache import Cache, NullCache, make_key
 from qprobe.errors import QProbeError
+from qprobe.pool import map_unordered
 
 Prompt = Any  # a string, or a list of {"role", "content"} chat messages
 Item = tuple[Prompt, str]  # (prompt, completion)
@@ -88,11 +89,10 @@ class Embedder:
                 bar.update(n)
 
             try:
-                if workers == 1:
-                    for idx in batches:
-                        commit(idx, run(idx))
-                else:
-                    _run_threads(run, commit, batches, workers)
+                # after the first failure no further batch starts; batches already running finish
+                # and are committed (here, in this thread), then the failure is raised
+                for idx, out in map_unordered(run, ((idx, idx) for idx in batches), workers, "qprobe-embed"):
+                    commit(idx, out)
             except QProbeError as e:
                 if n_cached and not isinstance(cache, NullCache):
                     raise QProbeError(f"{e} [{n_cached} of {len(items)} rows are cached; rerun to resume]") from None
@@ -103,34 +103,6 @@ class Embedder:
         if len(dims) != 1:
             raise QProbeError(f"cache holds features of several sizes {sorted(dims)} for one embedder; clear it with `qprobe cache clear`")
         return np.stack([found[k] for k in keys]).astype(np.float32)
-
-
-def _run_threads(run, commit, batches, workers: int) -> None:
-    """`commit(idx, run(idx))` for every batch, `workers` at a time; commits happen in this thread.
-
-    After the first failure no further batch starts; batches already running finish
-    and are committed, then the failure is raised.
-    """
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qprobe-embed")
-    error = None
-    try:
-        futures = {pool.submit(run, idx): idx for idx in batches}  # future -> its batch
-        for fut in as_completed(futures):
-            if fut.cancelled():
-                continue
-            if fut.exception() is not None:
-                if error is None:
-                    error = fut.exception()
-                    for other in futures:
-                        other.cancel()
-                continue
-            commit(futures[fut], fut.result())
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-    if error is not None:
-        raise error
 
 
 def get_embedder(spec: dict) -> Embedder:

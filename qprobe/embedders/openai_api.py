@@ -22,7 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from qprobe.apiclient import ApiClient, BadResponse, TaskPool
+from qprobe.apiclient import ApiClient, BadResponse
+from qprobe.pool import TaskPool
 from qprobe.embedders.base import Embedder, Item
 from qprobe.errors import QProbeError
 

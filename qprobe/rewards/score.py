@@ -20,10 +20,10 @@ a list aligned with them.
 from __future__ import annotations
 
 import os
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Callable, Iterable
 
 from qprobe.errors import QProbeError
+from qprobe.pool import map_unordered
 from qprobe.registry import REWARDS, available, load
 
 RewardFn = Callable[[dict], "tuple[float, str]"]
@@ -95,24 +95,11 @@ def score_rows(rows: Iterable[dict], kind: str, workers: int | None = None,
 
     rows = list(rows)
     fn = get_reward_fn(kind, timeout=timeout)  # `code` checks its sandbox here, before any thread starts
-    workers = max(1, workers or os.cpu_count() or 1)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(rows)))
     results: list[tuple[float, str] | None] = [None] * len(rows)
     with tqdm(total=len(rows), desc=f"reward {kind}", unit="row", disable=not progress) as bar:
-        if workers == 1 or len(rows) <= 1:
-            for i, row in enumerate(rows):
-                results[i] = fn(row)
-                bar.update()
-            return results
-        with ThreadPoolExecutor(max_workers=min(workers, len(rows))) as pool:
-            index = {pool.submit(fn, row): i for i, row in enumerate(rows)}  # future -> row index
-            pending = set(index)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for fut in done:
-                    if fut.exception() is not None:
-                        for other in pending:
-                            other.cancel()
-                        raise fut.exception()
-                    results[index[fut]] = fut.result()
-                    bar.update()
+        # the first row that cannot be scored stops the batch (qprobe.pool: no new row starts)
+        for i, result in map_unordered(fn, enumerate(rows), workers, "qprobe-reward"):
+            results[i] = result
+            bar.update()
     return results
