@@ -47,9 +47,9 @@ from qprobe.errors import QProbeError
 from qprobe.rewards.sandbox import run_python, sandbox_backend
 from qprobe.rewards.simple import describe_row
 
-# An opening fence at the start of a line, with an optional info string.
-_FENCE_OPEN = re.compile(r"^[ \t]*```[ \t]*([^\s`]*)[^\n`]*$", re.M)
-_FENCE_CLOSE = re.compile(r"^[ \t]*```[ \t]*$", re.M)
+from qprobe.fences import FENCE_CLOSE as _FENCE_CLOSE
+from qprobe.fences import FENCE_OPEN as _FENCE_OPEN  # the one fence parser (the sampler's stop uses it too)
+
 _PYTHON_TAGS = {"", "python", "py", "python3", "py3"}
 _IMPORT_LINE = re.compile(r"^(?:import [\w., ]+|from [\w.]+ import [^\n]+)$", re.M)
 
