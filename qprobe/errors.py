@@ -1,4 +1,4 @@
-"""The one exception type users see (the CLI turns it into a one-line error), `_one_line`,
+"""The one exception type users see (the CLI turns it into a one-line error), `one_line`,
 which cuts a caught error's message to its first line, and the one-line error for a missing extra."""
 
 
@@ -9,7 +9,7 @@ class QProbeError(ValueError):
     """
 
 
-def _one_line(err: Exception) -> str:
+def one_line(err: BaseException) -> str:
     """The first line of an exception's message (its type name when empty), for one-line errors."""
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qprobe.errors import QProbeError, require_extra
+from qprobe.errors import QProbeError, one_line, require_extra
 
 HF_MODULES = ("torch", "transformers")  # what the `hf` extra must provide before a model loads
 
@@ -161,9 +161,8 @@ def load_model(name: str, device: str | None = None, dtype: str | None = None):
         tok = AutoTokenizer.from_pretrained(path, **extra)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QProbeError(
-            f"cannot load model {name!r}: {first[:200]} "
+            f"cannot load model {name!r}: {one_line(e)[:200]} "
             f"(give a local folder, a Hugging Face id already in the cache, or one of {', '.join(ALIASES)})"
         ) from None
     model.to(dev).eval()
@@ -218,7 +217,7 @@ def config_layers(name: str) -> int:
     try:
         return int(AutoConfig.from_pretrained(path, **extra).num_hidden_layers)
     except (OSError, ValueError) as e:
-        raise QProbeError(f"cannot load model {name!r}: {str(e).strip().splitlines()[0][:200]}") from None
+        raise QProbeError(f"cannot load model {name!r}: {one_line(e)[:200]}") from None
 
 
 def model_layers(model) -> int:

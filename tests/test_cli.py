@@ -22,7 +22,7 @@ from fault_report import cli_env, one_error_line, run_cli  # noqa: E402
 from servers import StubServer, completion_for, embedding_for  # noqa: E402
 
 from qprobe.cli import cli  # noqa: E402
-from qprobe.embedders.openai_api import item_text  # noqa: E402
+from qprobe.embedders.base import item_text  # noqa: E402
 from qprobe.io import load_features, read_jsonl, save_features, write_jsonl  # noqa: E402
 from qprobe.samplers.base import row_seed  # noqa: E402
 

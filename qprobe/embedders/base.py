@@ -18,6 +18,22 @@ Prompt = Any  # a string, or a list of {"role", "content"} chat messages
 Item = tuple[Prompt, str]  # (prompt, completion)
 
 
+def item_text(prompt, completion: str) -> str:
+    """The text embedded for one row, by every backend that embeds text (sentence models, APIs).
+
+    A string prompt is followed directly by the completion (what the model saw
+    and wrote). A chat prompt is flattened to one ``role: content`` line per
+    message, then ``assistant: `` and the completion, e.g.
+    ``"system: Be brief.\\nuser: Add 2 and 3.\\nassistant: 5"``.
+    """
+    if isinstance(prompt, str):
+        text = prompt + completion
+    else:
+        lines = [f"{m.get('role', 'user')}: {m.get('content', '')}" for m in prompt]
+        text = "\n".join(lines + [f"assistant: {completion}"])
+    return text if text else " "  # servers reject empty inputs; a tokenizer reads " " as nothing too
+
+
 class Embedder:
     """Turns (prompt, completion) pairs into feature vectors of shape (dim,)."""
 
