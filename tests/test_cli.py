@@ -17,9 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-from fault_report import cli_env, one_error_line, run_cli  # noqa: E402
-from servers import StubServer, completion_for, embedding_for  # noqa: E402
+from qprobe.testing.faults import cli_env, one_error_line, run_cli  # noqa: E402
+from qprobe.testing.servers import StubServer, completion_for, embedding_for  # noqa: E402
 
 from qprobe.cli import cli  # noqa: E402
 from qprobe.embedders.base import item_text  # noqa: E402
