@@ -108,7 +108,7 @@ class RecordingStub(StubServer):
         from http.server import ThreadingHTTPServer
         import threading
 
-        from servers import _Handler
+        from qprobe.testing.servers import _Handler
 
         stub = self
 
