@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qprobe.errors import QProbeError, _one_line
+from qprobe.errors import QProbeError, one_line
 
 FORMAT = "qprobe-probe v1"
 _CONFIG, _WEIGHTS = "config.json", "probe.safetensors"
@@ -66,7 +66,7 @@ def _save_probe(probe, path):
     try:
         text = json.dumps(config, indent=2, sort_keys=True)
     except (TypeError, ValueError) as err:
-        raise QProbeError(f"cannot save probe: embedder identity is not JSON ({_one_line(err)})") from None
+        raise QProbeError(f"cannot save probe: embedder identity is not JSON ({one_line(err)})") from None
     if path.exists() and not (path.is_dir() and set(os.listdir(path)) <= {_CONFIG, _WEIGHTS}):
         raise QProbeError(f"{path} exists and is not a probe directory; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +102,7 @@ def _load_probe(cls, path):
     try:
         cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
-        raise QProbeError(f"{cfg_path} is not a qprobe config ({_one_line(err)})") from None
+        raise QProbeError(f"{cfg_path} is not a qprobe config ({one_line(err)})") from None
     fmt = cfg.get("format") if isinstance(cfg, dict) else None
     if fmt != FORMAT:
         raise QProbeError(f"{cfg_path} has format {fmt!r}; this qprobe reads {FORMAT!r} only")
@@ -119,7 +119,7 @@ def _load_probe(cls, path):
     except QProbeError:
         raise
     except Exception as err:  # noqa: BLE001 - any malformation is one user-facing error
-        raise QProbeError(f"{path} is not a valid probe ({_one_line(err)})") from None
+        raise QProbeError(f"{path} is not a valid probe ({one_line(err)})") from None
     shapes = {"coef": (h or d,), "intercept": (1,), "mean": (d,), "scale": (d,)}
     if h is not None:
         shapes.update(hidden_coef=(d, h), hidden_intercept=(h,))

@@ -27,7 +27,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from qprobe.errors import QProbeError
+from qprobe.errors import QProbeError, require_extra
+from qprobe.pool import Stopped
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 MAX_RETRY_AFTER = 120.0  # seconds; a longer Retry-After is clipped to this
@@ -35,10 +36,6 @@ MAX_RETRY_AFTER = 120.0  # seconds; a longer Retry-After is clipped to this
 
 class BadResponse(Exception):
     """A 2xx response whose body is unusable (not JSON, wrong shape, too few items): retried."""
-
-
-class _Stopped(Exception):
-    """Raised instead of retrying once another request has failed for good."""
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -84,10 +81,8 @@ class ApiClient:
 
     def __init__(self, api_base: str, api_key: str | None = None, timeout: float = 60.0,
                  max_retries: int = 6, backoff: float = 0.5, max_backoff: float = 30.0):
-        try:
-            import openai
-        except ImportError as e:  # pragma: no cover - depends on the install
-            raise QProbeError("the api backend needs the openai package: pip install 'qprobe[api]'") from e
+        require_extra("api", ("openai",))
+        import openai
         try:  # openai >= 3 ships httpx2; older releases use httpx
             import httpx2 as http
         except ImportError:  # pragma: no cover
@@ -135,7 +130,7 @@ class ApiClient:
         last = ""
         for attempt in range(self.max_retries + 1):
             if attempt and stop is not None and stop.is_set():
-                raise _Stopped(last)
+                raise Stopped(last)
             with self._lock:
                 self.n_requests += 1
             retry_after = None
@@ -166,64 +161,9 @@ class ApiClient:
             wait = self.delay(attempt, retry_after)
             if stop is not None:
                 if stop.wait(wait):
-                    raise _Stopped(last)
+                    raise Stopped(last)
             else:
                 time.sleep(wait)
         tries = self.max_retries + 1
         suffix = f" (gave up after {tries} attempt{'s' * (tries != 1)})"
         raise QProbeError(last + suffix)
-
-
-class TaskPool:
-    """Run calls on `concurrency` threads and yield their results as each finishes.
-
-    The first failure sets `stop` (so siblings stop retrying), cancels calls not
-    yet started and is raised once the calls already running have finished and
-    their results have been yielded: work done before an outage reaches the
-    caller's cache. Use as a context manager so threads are released on early exit.
-    """
-
-    def __init__(self, concurrency: int):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.stop = threading.Event()
-        self._executor = ThreadPoolExecutor(max_workers=max(1, int(concurrency)), thread_name_prefix="qprobe-api")
-        self._futures: dict = {}  # future -> caller's tag
-        self._errors: list[BaseException] = []
-
-    def submit(self, tag: Any, fn: Callable, *args: Any) -> None:
-        """Queue ``fn(*args)``; its result comes back from `results` paired with `tag`."""
-        if not self.stop.is_set():
-            self._futures[self._executor.submit(fn, *args)] = tag
-
-    def results(self):
-        """Yield (tag, result) as calls finish, including calls submitted meanwhile."""
-        from concurrent.futures import FIRST_COMPLETED, wait
-
-        while self._futures:
-            done, _ = wait(list(self._futures), return_when=FIRST_COMPLETED)
-            for fut in done:
-                tag = self._futures.pop(fut)
-                if fut.cancelled():
-                    continue
-                err = fut.exception()
-                if err is None:
-                    yield tag, fut.result()
-                    continue
-                self._errors.append(err)
-                if not self.stop.is_set():
-                    self.stop.set()
-                    for other in self._futures:
-                        other.cancel()
-        real = [e for e in self._errors if not isinstance(e, _Stopped)]
-        if real:
-            raise real[0]
-        if self._errors:  # pragma: no cover - a _Stopped implies a real error first
-            raise QProbeError(f"request abandoned: {self._errors[0]}")
-
-    def __enter__(self) -> "TaskPool":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -94,6 +94,26 @@ class Cache:
     def __len__(self) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM kv").fetchone()[0]
 
+    def stats(self) -> dict:
+        """Entries by kind (``json``: completions and rewards, ``f32``: feature vectors) and bytes on disk."""
+        counts = dict(self._conn().execute("SELECT kind, COUNT(*) FROM kv GROUP BY kind").fetchall())
+        files = [self.path, self.path.with_name(self.path.name + "-wal")]
+        return {"path": str(self.path), "entries": counts, "bytes": sum(f.stat().st_size for f in files if f.exists())}
+
+    def clear(self) -> int:
+        """Delete every entry and give the space back; returns how many were deleted.
+
+        Safe while another process uses the cache (SQLite locks): that process only
+        finds its finished work gone and recomputes it.
+        """
+        conn = self._conn()
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            n = conn.execute("DELETE FROM kv").rowcount
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return n
+
     def __bool__(self) -> bool:  # an empty cache is still a cache (`cache or default` must keep it)
         return True
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import click
 
-from qprobe.errors import QProbeError
+from qprobe.errors import QProbeError, missing_extra
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -26,6 +27,11 @@ def user_errors(fn):
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
             raise click.ClickException("interrupted; finished work is cached, rerun the same command to resume") from None
+        except ModuleNotFoundError as e:  # an optional dependency: name the extra that installs it
+            err = missing_extra(e)
+            if err is e:
+                raise
+            raise click.ClickException(str(err)) from None
         except MemoryError:
             raise click.ClickException("out of memory; try a smaller --batch-size") from None
 
@@ -79,6 +85,32 @@ def _backend(model, api_base, api_model):
     return "hf"
 
 
+def _parse_backend_options(ctx, param, values) -> dict:
+    out = {}
+    for v in values:
+        key, sep, raw = v.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"{v!r}: expected KEY=VALUE", ctx=ctx, param=param)
+        try:
+            out[key] = json.loads(raw)  # numbers, true/false, lists; anything else stays a string
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+backend_options = click.option(
+    "--option", "-O", "backend_opts", multiple=True, metavar="KEY=VALUE", callback=_parse_backend_options,
+    help="Backend-specific keyword argument, passed to the backend's constructor (repeatable; "
+         "VALUE is read as JSON when it parses, else as a string).")
+
+
+def _plugin_options(model, api_base, api_model, api_key, device, dtype, batch_size) -> dict:
+    """The generic options a plugin backend gets, those the user gave (None: the backend's default)."""
+    opts = dict(model=model or api_model, api_base=api_base, api_key=api_key if api_base else None,
+                device=device, dtype=dtype, batch_size=batch_size)
+    return {k: v for k, v in opts.items() if v is not None}
+
+
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="qprobe", message="qprobe %(version)s")
 def cli():
@@ -124,19 +156,32 @@ def prompts(dataset, source, output, splits, limit):
 @click.option("--code-block/--no-code-block", default=False, show_default=True,
               help="Stop when the first fenced code block closes (local models).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sampler", "sampler_name", default=None, metavar="NAME",
+              help="A registered sampler (entry-point group qprobe.samplers) [default: api with --api-base, else hf].")
+@backend_options
 @click.option("--capture", multiple=True, metavar="LAYER:POOLING",
               help="Local models: also keep these features from the sampling pass (e.g. -1:last), so a later "
                    "`qprobe embed` with the same --layer/--pooling costs no forward pass.")
 @cache_options
 @user_errors
 def sample(prompts_file, output, model, api_base, api_model, api_key, device, dtype, batch_size, request_timeout,
-           max_retries, k, temperature, top_p, max_new_tokens, stop, code_block, seed, capture, cache_dir, no_cache):
-    """Draw k completions per prompt from a local model or an OpenAI-compatible API."""
+           max_retries, k, temperature, top_p, max_new_tokens, stop, code_block, seed, sampler_name, backend_opts, capture,
+           cache_dir, no_cache):
+    """Draw k completions per prompt from a local model, an OpenAI-compatible API or a plugin sampler."""
     from qprobe.pipeline import sample_file
     from qprobe.samplers import get_sampler
 
     settings = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop=list(stop))
-    if _backend(model, api_base, api_model) == "api":
+    name = sampler_name or _backend(model, api_base, api_model)
+    if name not in ("hf", "api"):
+        if capture or code_block:
+            raise QProbeError("--capture and --code-block work with the hf sampler only")
+        spec = {"kind": name, **_plugin_options(model, api_base, api_model, api_key, device, dtype, batch_size),
+                **settings, **backend_opts}
+    elif _backend(model, api_base, api_model) != name:
+        raise QProbeError(f"--sampler {name} needs " + ("--api-base and --api-model" if name == "api" else
+                                                         "--model (or nothing), not --api-base"))
+    elif name == "api":
         if capture:
             raise QProbeError("--capture works with local models only")
         if code_block:
@@ -153,6 +198,8 @@ def sample(prompts_file, output, model, api_base, api_model, api_key, device, dt
                 raise QProbeError(f"--capture {c!r}: expected LAYER:POOLING, e.g. -1:last") from None
         spec = dict(kind="hf", model=model or "smollm2-135m", device=device, dtype=dtype, batch_size=batch_size,
                     capture=caps, code_block=code_block, **settings)
+    if name in ("hf", "api"):
+        spec.update(backend_opts)
     rows = sample_file(prompts_file, output, get_sampler(spec), k=k, seed=seed, cache=make_cache(cache_dir, no_cache))
     click.echo(f"wrote {len(rows)} completions to {output}", err=True)
 
@@ -184,20 +231,35 @@ def reward(completions, output, kind, timeout, workers, cache_dir, no_cache):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Features: .npy (+ .npy.json sidecar) or .safetensors.")
 @model_options
-@click.option("--layer", type=int, default=-1, show_default=True, help="Hidden-state index (local models).")
-@click.option("--pooling", type=click.Choice(["last", "mean"]), default="last", show_default=True,
-              help="Last completion token or mean over completion tokens.")
+@click.option("--layer", type=int, default=None, help="Hidden-state index (local models) [default: -1].")
+@click.option("--pooling", type=click.Choice(["last", "mean"]), default=None,
+              help="Last completion token or mean over completion tokens [default: last].")
+@click.option("--embedder", "embedder_name", default=None, metavar="NAME",
+              help="A registered embedder (entry-point group qprobe.embedders) "
+                   "[default: sentence with --sentence-model, api with --api-base, else hf].")
+@backend_options
 @click.option("--sentence-model", default=None,
               help="Use a sentence-embedding model instead (e.g. all-MiniLM-L6-v2).")
 @cache_options
 @user_errors
 def embed(completions, output, model, api_base, api_model, api_key, device, dtype, batch_size, request_timeout,
-          max_retries, layer, pooling, sentence_model, cache_dir, no_cache):
+          max_retries, layer, pooling, embedder_name, backend_opts, sentence_model, cache_dir, no_cache):
     """Features of each (prompt, completion) row, aligned with the rows."""
     from qprobe.embedders import get_embedder
     from qprobe.pipeline import embed_file
 
-    if sentence_model:
+    name = embedder_name or ("sentence" if sentence_model else _backend(model, api_base, api_model))
+    if name not in ("hf", "api", "sentence"):
+        if sentence_model:
+            raise QProbeError(f"--sentence-model goes with --embedder sentence, not {name}")
+        spec = {"kind": name, **_plugin_options(model, api_base, api_model, api_key, device, dtype, batch_size),
+                "layer": layer, "pooling": pooling}
+    elif name == "sentence" and not sentence_model:
+        raise QProbeError("--embedder sentence needs --sentence-model")
+    elif name != "sentence" and _backend(model, api_base, api_model) != name:
+        raise QProbeError(f"--embedder {name} needs " + ("--api-base and --api-model" if name == "api" else
+                                                          "--model (or nothing), not --api-base"))
+    elif sentence_model:
         if model or api_base:
             raise QProbeError("--sentence-model excludes --model and --api-base")
         spec = dict(kind="sentence", model=sentence_model, device=device, batch_size=batch_size)
@@ -205,8 +267,9 @@ def embed(completions, output, model, api_base, api_model, api_key, device, dtyp
         spec = dict(kind="api", api_base=api_base, model=api_model, api_key=api_key, batch_size=batch_size,
                     pooling="mean" if pooling == "mean" else "last", timeout=request_timeout, max_retries=max_retries)
     else:
-        spec = dict(kind="hf", model=model or "smollm2-135m", layer=layer, pooling=pooling, device=device,
-                    dtype=dtype, batch_size=batch_size)
+        spec = dict(kind="hf", model=model or "smollm2-135m", layer=-1 if layer is None else layer,
+                    pooling=pooling or "last", device=device, dtype=dtype, batch_size=batch_size)
+    spec.update(backend_opts)
     X = embed_file(completions, output, get_embedder(spec), cache=make_cache(cache_dir, no_cache))
     click.echo(f"wrote features {X.shape[0]} x {X.shape[1]} to {output}", err=True)
 
@@ -300,9 +363,11 @@ def format_report(rep: dict) -> str:
 @cli.command(context_settings=CONTEXT)
 @click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--mbpp", "mbpp_path", default=None, type=click.Path(dir_okay=False),
-              help="MBPP file [default: the copy shipped in data/mbpp/].")
-@click.option("--train-tasks", type=click.IntRange(2), default=24, show_default=True)
-@click.option("--test-tasks", type=click.IntRange(1), default=12, show_default=True)
+              help="MBPP file [default: the 100 + 100 tasks shipped in the package].")
+@click.option("--train-tasks", type=click.IntRange(2), default=24, show_default=True,
+              help="MBPP train tasks (at most 100 without --mbpp).")
+@click.option("--test-tasks", type=click.IntRange(1), default=12, show_default=True,
+              help="MBPP test tasks (at most 100 without --mbpp).")
 @click.option("-k", type=click.IntRange(2), default=4, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(1), default=160, show_default=True)
 @click.option("--model", "-m", default="smollm2-135m", show_default=True)
@@ -315,6 +380,53 @@ def demo(out_dir, mbpp_path, train_tasks, test_tasks, k, max_new_tokens, model, 
     rep = run_demo(out_dir, mbpp_path, train_tasks, test_tasks, k, max_new_tokens, model,
                    cache=make_cache(cache_dir, no_cache), echo=lambda s: click.echo(s, err=True))
     click.echo(format_report(rep))
+
+
+# --------------------------------------------------------------------------- cache
+@cli.group("cache", context_settings=CONTEXT)
+def cache_group():
+    """Show or clear the cache of finished completions, rewards and features."""
+
+
+def _existing_cache(cache_dir):
+    from qprobe.cache import DEFAULT_CACHE_DIR, Cache
+
+    directory = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
+    return Cache(directory) if (directory / "cache.sqlite").exists() else None, directory
+
+
+cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False), envvar="QPROBE_CACHE",
+                                help="The cache folder [default: ~/.cache/qprobe].")
+
+
+@cache_group.command("size", context_settings=CONTEXT)
+@cache_dir_option
+@user_errors
+def cache_size(cache_dir):
+    """Entries and bytes on disk."""
+    cache, directory = _existing_cache(cache_dir)
+    if cache is None:
+        click.echo(f"no cache in {directory}")
+        return
+    st = cache.stats()
+    kinds = ", ".join(f"{n} {'feature vectors' if k == 'f32' else 'completions/rewards'}"
+                      for k, n in sorted(st["entries"].items())) or "empty"
+    click.echo(f"{st['path']}: {st['bytes'] / 2**20:.1f} MiB; {kinds}")
+
+
+@cache_group.command("clear", context_settings=CONTEXT)
+@cache_dir_option
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+@user_errors
+def cache_clear(cache_dir, yes):
+    """Delete every cached completion, reward and feature (the next runs recompute them)."""
+    cache, directory = _existing_cache(cache_dir)
+    if cache is None:
+        click.echo(f"no cache in {directory}")
+        return
+    if not yes:
+        click.confirm(f"delete every entry in {cache.path}?", abort=True)
+    click.echo(f"deleted {cache.clear()} entries from {cache.path}")
 
 
 def main():

@@ -3,15 +3,20 @@
 sample (features captured in the same pass) -> reward (sandbox) -> embed (from the
 cache, no second forward) -> train a pg probe on train tasks -> rerank and eval on
 held-out test tasks. Every step writes its file under `out_dir`; a rerun reuses the cache.
+The MBPP tasks come from the package (qprobe/data/mbpp_demo.jsonl, see PROVENANCE.md there),
+so the demo runs from an installed wheel too.
 """
 from __future__ import annotations
 
+import contextlib
+from importlib import resources
 from pathlib import Path
 
 from qprobe.errors import QProbeError
 from qprobe.io import write_jsonl
 
-SHIPPED_MBPP = Path(__file__).resolve().parents[1] / "data" / "mbpp" / "mbpp.jsonl"
+SHIPPED_MBPP = "data/mbpp_demo.jsonl"  # package data: 100 test and 100 train MBPP tasks
+SHIPPED_TASKS = 100  # tasks of each split in it
 
 
 def run_demo(out_dir, mbpp_path, train_tasks, test_tasks, k, max_new_tokens, model, cache, echo=print) -> dict:
@@ -20,12 +25,16 @@ def run_demo(out_dir, mbpp_path, train_tasks, test_tasks, k, max_new_tokens, mod
     from qprobe.pipeline import embed_file, eval_file, rerank_file, reward_file, sample_file, train_file
     from qprobe.samplers.hf import HFSampler
 
-    mbpp_path = Path(mbpp_path) if mbpp_path else SHIPPED_MBPP
-    if not mbpp_path.exists():
+    if mbpp_path and not Path(mbpp_path).exists():
         raise QProbeError(f"{mbpp_path}: no such file (give --mbpp PATH to an MBPP jsonl)")
+    if not mbpp_path and max(train_tasks, test_tasks) > SHIPPED_TASKS:
+        raise QProbeError(f"the shipped MBPP slice has {SHIPPED_TASKS} train and {SHIPPED_TASKS} test tasks; "
+                          "give --mbpp PATH to the full MBPP jsonl for more")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = mbpp_rows(mbpp_path, splits=["train"], limit=train_tasks) + mbpp_rows(mbpp_path, splits=["test"], limit=test_tasks)
+    with contextlib.ExitStack() as stack:
+        path = mbpp_path or stack.enter_context(resources.as_file(resources.files("qprobe").joinpath(SHIPPED_MBPP)))
+        rows = mbpp_rows(path, splits=["train"], limit=train_tasks) + mbpp_rows(path, splits=["test"], limit=test_tasks)
     write_jsonl(out / "prompts.jsonl", rows)
     echo(f"[1/5] sample: {len(rows)} MBPP prompts x {k} from {model} ({train_tasks} train, {test_tasks} test tasks)")
     sampler = HFSampler(model, temperature=0.8, top_p=0.95, max_new_tokens=max_new_tokens, code_block=True,

@@ -14,7 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qprobe.errors import QProbeError
+from qprobe.errors import QProbeError, one_line, require_extra
+
+HF_MODULES = ("torch", "transformers")  # what the `hf` extra must provide before a model loads
 
 DEFAULT_MODEL = "smollm2-135m"
 # alias -> (pip package carrying the weights, gguf file name, number of decoder layers)
@@ -122,6 +124,7 @@ def resolve_model(name: str) -> tuple[str, dict]:
 
 def pick_device_dtype(device: str | None, dtype: str | None):
     """CUDA + bfloat16 when present, else CPU + float32; each overridable."""
+    require_extra("hf", HF_MODULES)
     import torch
 
     if device is None:
@@ -135,22 +138,31 @@ def pick_device_dtype(device: str | None, dtype: str | None):
     return device, torch_dtype
 
 
+def dtype_name(device: str | None, dtype: str | None) -> str:
+    """The dtype a model loaded with (device, dtype) computes in, e.g. "float32" (part of a feature identity)."""
+    if dtype is None and device is not None:  # no torch needed to know the default
+        return "bfloat16" if str(device).startswith("cuda") else "float32"
+    return str(pick_device_dtype(device, dtype)[1]).removeprefix("torch.")
+
+
 @functools.lru_cache(maxsize=4)
 def load_model(name: str, device: str | None = None, dtype: str | None = None):
     """Return (model, tokenizer), loaded once per process for each (name, device, dtype)."""
+    require_extra("hf", HF_MODULES)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     path, extra = resolve_model(name)
+    if "gguf_file" in extra:
+        require_extra("hf", ("gguf",))
     dev, torch_dtype = pick_device_dtype(device, dtype)
     try:
         tok = AutoTokenizer.from_pretrained(path, **extra)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QProbeError(
-            f"cannot load model {name!r}: {first[:200]} "
+            f"cannot load model {name!r}: {one_line(e)[:200]} "
             f"(give a local folder, a Hugging Face id already in the cache, or one of {', '.join(ALIASES)})"
         ) from None
     model.to(dev).eval()
@@ -194,17 +206,18 @@ def completion_ids(tok, completion: str) -> list[int]:
 @functools.lru_cache(maxsize=8)
 def config_layers(name: str) -> int:
     """Number of decoder layers, read from the config alone (no weights loaded)."""
+    if name in ALIASES:  # reading a gguf's config costs as much as loading it
+        return ALIASES[name][2]
+    require_extra("hf", HF_MODULES)
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
-    if name in ALIASES:  # reading a gguf's config costs as much as loading it
-        return ALIASES[name][2]
     hf_logging.set_verbosity_error()
     path, extra = resolve_model(name)
     try:
         return int(AutoConfig.from_pretrained(path, **extra).num_hidden_layers)
     except (OSError, ValueError) as e:
-        raise QProbeError(f"cannot load model {name!r}: {str(e).strip().splitlines()[0][:200]}") from None
+        raise QProbeError(f"cannot load model {name!r}: {one_line(e)[:200]}") from None
 
 
 def model_layers(model) -> int:

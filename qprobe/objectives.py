@@ -5,10 +5,12 @@ scalar to *minimise*. Grouped losses (policy gradient, preference) take an
 integer id per row naming its chunk or pair, and use scatter/segment ops, so a
 batch holding many chunks is one call with no Python loop.
 
-This module does not build models, batch data, shuffle chunks or touch numpy;
-that is :mod:`qprobe.probe`'s job. Ridge and logistic regression (objectives
-``mse`` and ``ce``) are solved in closed form / by L-BFGS in ``probe``; the
-``mse`` and ``ce`` losses here are the same objectives for torch heads.
+This module does not build models, batch data, shuffle chunks or touch numpy:
+the torch training loop that calls these losses is :func:`qprobe._train._fit_torch`,
+and the estimator that picks it is :class:`qprobe.probe.QProbe`. Linear ridge and
+logistic regression (objectives ``mse`` and ``ce`` without a hidden layer) are
+solved in closed form / by L-BFGS in :mod:`qprobe._train`; the ``mse`` and ``ce``
+losses here are the same objectives for torch (MLP) heads.
 """
 from __future__ import annotations
 

@@ -36,9 +36,9 @@ from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from qprobe._probe_io import FORMAT, _digest, _load_probe, _save_probe  # noqa: F401 - FORMAT, _digest re-exported
-from qprobe._train import _epoch_segments, _fit_logistic, _fit_ridge, _fit_torch, _moments  # noqa: F401
-from qprobe.errors import QProbeError, _one_line
+from qprobe._probe_io import _load_probe, _save_probe
+from qprobe._train import _fit_logistic, _fit_ridge, _fit_torch, _moments
+from qprobe.errors import QProbeError, one_line
 from qprobe.select import group_index, select_indices, selection_report
 
 OBJECTIVES = ("mse", "ce", "pg", "pref")
@@ -239,7 +239,7 @@ class QProbe(BaseEstimator):
                 return _validate_data(self, X, y, y_numeric=True, **kw)
             return _validate_data(self, X, **kw)
         except ValueError as err:
-            msg = _one_line(err)
+            msg = one_line(err)
             if msg.startswith("Expected 2D array"):
                 msg = f"X must be 2-D of shape (n_rows, n_features), got {np.ndim(X)}-D; Reshape your data, e.g. X.reshape(1, -1) for one row"
             raise QProbeError(msg) from None

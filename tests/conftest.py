@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import servers`
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -19,8 +15,7 @@ def tiny_model_dir(tmp_path_factory):
     Exercises the "any local path" branch of the loaders at a fraction of the cost.
     """
     pytest.importorskip("transformers")
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from fault_report import tiny_model
+    from qprobe.testing.faults import tiny_model
 
     return tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 

@@ -15,8 +15,7 @@ from qprobe.embedders.openai_api import OpenAIEmbedder, item_text
 from qprobe.errors import QProbeError
 from qprobe.samplers.base import row_seed
 from qprobe.samplers.openai_api import OpenAISampler
-sys.path.insert(0, str(Path(__file__).parent))  # tests/ has no __init__.py
-from servers import TRANSIENT, StubServer, completion_for, embedding_for, llama_server, llama_unavailable
+from qprobe.testing.servers import TRANSIENT, StubServer, completion_for, embedding_for, llama_server, llama_unavailable
 
 FAST = dict(timeout=1.0, max_retries=6, backoff=0.01)  # stall faults hold 2.5 s, past the 1 s timeout
 PROMPTS = [

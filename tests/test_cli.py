@@ -17,12 +17,11 @@ import pytest
 from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-from fault_report import cli_env, one_error_line, run_cli  # noqa: E402
-from servers import StubServer, completion_for, embedding_for  # noqa: E402
+from qprobe.testing.faults import cli_env, one_error_line, run_cli  # noqa: E402
+from qprobe.testing.servers import StubServer, completion_for, embedding_for  # noqa: E402
 
 from qprobe.cli import cli  # noqa: E402
-from qprobe.embedders.openai_api import item_text  # noqa: E402
+from qprobe.embedders.base import item_text  # noqa: E402
 from qprobe.io import load_features, read_jsonl, save_features, write_jsonl  # noqa: E402
 from qprobe.samplers.base import row_seed  # noqa: E402
 
@@ -191,6 +190,9 @@ def test_train_each_objective_then_rerank_and_eval(tmp_path, objective):
     assert [c["prompt_id"] for c in chosen] == [f"t{p}" for p in range(12)] and all("q" in c for c in chosen)
     rep = json.loads(invoke("eval", rows, X, "--probe", tmp_path / "probe", "--json").stdout)
     assert {"n_prompts", "k", "base_reward", "probe_reward", "oracle_reward", "kl", "bon_kl_bound"} <= set(rep)
+    from qprobe.select import selection_report  # --json reports every key of the selection report
+
+    assert set(selection_report([0.0, 1.0], [0.0, 1.0], [0, 0], beta=0.1)) | {"argmax_kl"} == set(rep)
     assert rep["n_prompts"] == 12 and rep["k"] == (2 if objective == "pref" else 4)
     assert rep["base_reward"] <= rep["oracle_reward"] and rep["kl"] >= 0
     # feature 0 decides the reward, so the argmax choice beats the mean of k

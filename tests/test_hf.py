@@ -22,6 +22,18 @@ def test_truncate_stop_strings_and_code_block():
     assert truncate("```python\ndef f():", code_block=True) == ("```python\ndef f():", False)
 
 
+def test_feature_identity_names_the_dtype():
+    """float32 and bfloat16 features never share a cache key, and a probe refuses the other's features."""
+    from qprobe.cache import make_key
+    from qprobe.embedders.hf import HFEmbedder
+
+    f32, bf16 = HFEmbedder(device="cpu").identity(), HFEmbedder(device="cpu", dtype="bfloat16").identity()
+    assert f32["dtype"] == "float32" and bf16["dtype"] == "bfloat16"
+    assert HFEmbedder(device="cuda").identity()["dtype"] == "bfloat16"  # the cuda default, known without torch
+    assert make_key(f32, ["p", "c"]) != make_key(bf16, ["p", "c"])
+    assert HFEmbedder(device="cpu").cache_key("p", "c") != HFEmbedder(device="cpu", dtype="bfloat16").cache_key("p", "c")
+
+
 @pytest.mark.slow
 def test_greedy_batched_equals_one_at_a_time_and_plain_generate(smollm):
     import torch

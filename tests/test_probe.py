@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from qprobe.probe import _digest
+from qprobe._probe_io import _digest
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import parametrize_with_checks
@@ -130,7 +130,7 @@ def test_same_fit_twice_gives_identical_coefficients(objective, kw):
 
 @needs_torch
 def test_pg_chunks_respect_k_and_use_every_multi_row_chunk():
-    from qprobe.probe import _epoch_segments
+    from qprobe._train import _epoch_segments
     from qprobe.select import group_index
 
     g = np.repeat(["a", "b", "c"], [7, 10, 11])[np.random.default_rng(0).permutation(28)]

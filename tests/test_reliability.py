@@ -1,6 +1,6 @@
 """Reliability: kill -9 and resume, a faulty or dead server, hostile inputs, a shared cache.
 
-The scenarios live in `experiments/fault_report.py` (which prints their figures);
+The scenarios live in `qprobe/testing/faults.py` (experiments/fault_report.py prints their figures);
 here each is run at a smaller size and its figures are asserted. The slow ones
 start several CLI processes each and are marked `slow` (CI still runs them).
 
@@ -12,22 +12,17 @@ rerun must ask for exactly the missing ones (`extra_rerun` == 0).
 """
 from __future__ import annotations
 
-import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-import fault_report as fr  # noqa: E402
-
-from qprobe.cache import Cache  # noqa: E402
-from qprobe.embedders.base import Embedder  # noqa: E402
-from qprobe.errors import QProbeError  # noqa: E402
-from qprobe.pipeline import reward_file  # noqa: E402
-from qprobe.samplers.base import Sampler  # noqa: E402
+from qprobe.cache import Cache
+from qprobe.embedders.base import Embedder
+from qprobe.errors import QProbeError
+from qprobe.pipeline import reward_file
+from qprobe.samplers.base import Sampler
+from qprobe.testing import faults as fr
 
 
 # ------------------------------------------------------------------ kill -9 at several points, rerun

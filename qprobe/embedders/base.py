@@ -12,9 +12,26 @@ from tqdm.auto import tqdm
 
 from qprobe.cache import Cache, NullCache, make_key
 from qprobe.errors import QProbeError
+from qprobe.pool import map_unordered
 
 Prompt = Any  # a string, or a list of {"role", "content"} chat messages
 Item = tuple[Prompt, str]  # (prompt, completion)
+
+
+def item_text(prompt, completion: str) -> str:
+    """The text embedded for one row, by every backend that embeds text (sentence models, APIs).
+
+    A string prompt is followed directly by the completion (what the model saw
+    and wrote). A chat prompt is flattened to one ``role: content`` line per
+    message, then ``assistant: `` and the completion, e.g.
+    ``"system: Be brief.\\nuser: Add 2 and 3.\\nassistant: 5"``.
+    """
+    if isinstance(prompt, str):
+        text = prompt + completion
+    else:
+        lines = [f"{m.get('role', 'user')}: {m.get('content', '')}" for m in prompt]
+        text = "\n".join(lines + [f"assistant: {completion}"])
+    return text if text else " "  # servers reject empty inputs; a tokenizer reads " " as nothing too
 
 
 class Embedder:
@@ -88,11 +105,10 @@ class Embedder:
                 bar.update(n)
 
             try:
-                if workers == 1:
-                    for idx in batches:
-                        commit(idx, run(idx))
-                else:
-                    _run_threads(run, commit, batches, workers)
+                # after the first failure no further batch starts; batches already running finish
+                # and are committed (here, in this thread), then the failure is raised
+                for idx, out in map_unordered(run, ((idx, idx) for idx in batches), workers, "qprobe-embed"):
+                    commit(idx, out)
             except QProbeError as e:
                 if n_cached and not isinstance(cache, NullCache):
                     raise QProbeError(f"{e} [{n_cached} of {len(items)} rows are cached; rerun to resume]") from None
@@ -101,56 +117,17 @@ class Embedder:
             return np.zeros((0, 0), dtype=np.float32)
         dims = {found[k].shape[0] for k in keys}
         if len(dims) != 1:
-            raise QProbeError(f"cache holds features of several sizes {sorted(dims)} for one embedder; clear the cache")
+            raise QProbeError(f"cache holds features of several sizes {sorted(dims)} for one embedder; clear it with `qprobe cache clear`")
         return np.stack([found[k] for k in keys]).astype(np.float32)
 
 
-def _run_threads(run, commit, batches, workers: int) -> None:
-    """`commit(idx, run(idx))` for every batch, `workers` at a time; commits happen in this thread.
-
-    After the first failure no further batch starts; batches already running finish
-    and are committed, then the failure is raised.
-    """
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qprobe-embed")
-    error = None
-    try:
-        futures = {pool.submit(run, idx): idx for idx in batches}  # future -> its batch
-        for fut in as_completed(futures):
-            if fut.cancelled():
-                continue
-            if fut.exception() is not None:
-                if error is None:
-                    error = fut.exception()
-                    for other in futures:
-                        other.cancel()
-                continue
-            commit(futures[fut], fut.result())
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-    if error is not None:
-        raise error
-
-
 def get_embedder(spec: dict) -> Embedder:
-    """Build an embedder from a CLI-style spec dict.
+    """Build an embedder from a CLI-style spec dict: kind (a registered embedder name) plus its options.
 
-    spec keys: kind ("hf" | "sentence" | "api"), and the backend's own options.
-    Heavy imports happen only here, inside the chosen branch.
+    Names come from the ``qprobe.embedders`` entry-point group (see `qprobe.registry`);
+    heavy imports happen only when the chosen backend's module is imported.
     """
-    kind = spec.get("kind", "hf")
+    from qprobe.registry import EMBEDDERS, build
+
     opts = {k: v for k, v in spec.items() if k != "kind" and v is not None}
-    if kind == "hf":
-        from qprobe.embedders.hf import HFEmbedder
-
-        return HFEmbedder(**opts)
-    if kind == "sentence":
-        from qprobe.embedders.sentence import SentenceEmbedder
-
-        return SentenceEmbedder(**opts)
-    if kind == "api":
-        from qprobe.embedders.openai_api import OpenAIEmbedder
-
-        return OpenAIEmbedder(**opts)
-    raise QProbeError(f"unknown embedder kind {kind!r} (expected hf, sentence or api)")
+    return build(EMBEDDERS, spec.get("kind", "hf"), opts)

@@ -12,14 +12,19 @@ import numpy as np
 
 from qprobe.embedders.base import Embedder, Item
 from qprobe.errors import QProbeError
-from qprobe.hfmodel import DEFAULT_MODEL, completion_ids, config_layers, load_model, norm_layer, prompt_ids
+from qprobe.hfmodel import (DEFAULT_MODEL, completion_ids, config_layers, dtype_name, load_model, norm_layer,
+                             prompt_ids)
 
 POOLINGS = ("last", "mean")
 
 
-def hf_identity(model: str, layer: int, pooling: str) -> dict:
-    """Identity of HF features; `layer` is already normalised (hidden_states index)."""
-    return {"kind": "hf", "model": model, "layer": int(layer), "pooling": pooling}
+def hf_identity(model: str, layer: int, pooling: str, dtype: str) -> dict:
+    """Identity of HF features; `layer` is already normalised (hidden_states index).
+
+    `dtype` is the resolved compute dtype (`hfmodel.dtype_name`): float32 and bfloat16
+    features differ, so they never share a cache entry and a probe refuses the other's.
+    """
+    return {"kind": "hf", "model": model, "layer": int(layer), "pooling": pooling, "dtype": dtype}
 
 
 def pool_states(states, prompt_state, pooling: str):
@@ -60,13 +65,14 @@ class HFEmbedder(Embedder):
 
     def identity(self) -> dict:
         if self._identity is None:  # from the config only: a warm-cache run loads no weights
-            self._identity = hf_identity(self.model, norm_layer(config_layers(self.model), self.layer), self.pooling)
+            self._identity = hf_identity(self.model, norm_layer(config_layers(self.model), self.layer), self.pooling,
+                                         dtype_name(self.device, self.dtype))
         return self._identity
 
     def embed_batch(self, items: Sequence[Item]) -> np.ndarray:
+        model, tok = self._load()  # first: a missing extra is named before torch is imported here
         import torch
 
-        model, tok = self._load()
         layer = norm_layer(model, self.layer)
         limit = getattr(model.config, "max_position_embeddings", None) or 10**9
         seqs = []  # (ids, n_prompt_tokens)

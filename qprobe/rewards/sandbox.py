@@ -71,7 +71,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from qprobe.errors import QProbeError
+from qprobe.errors import QProbeError, one_line
 from qprobe.rewards import _isolation as iso
 
 BACKENDS = ("bwrap", "user")
@@ -187,7 +187,7 @@ def _probe(name: str) -> str | None:
                               "a subprocess", stacklevel=4)
         res = _execute("print('qprobe-ok')", name, _PROBE_TIMEOUT, 256, 4096, 8)
     except (OSError, subprocess.SubprocessError, QProbeError) as exc:
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return one_line(exc)
     if res.passed and "qprobe-ok" in res.stdout:
         return None
     detail = (res.stderr.strip().splitlines() or [res.reason])[-1]
@@ -221,7 +221,7 @@ def _probe_netns() -> str | None:
         res = _execute(_NETNS_CHECK.format(host=host), "user", _PROBE_TIMEOUT, 256, 4096, 8,
                        netns=True)
     except (OSError, subprocess.SubprocessError, QProbeError) as exc:
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return one_line(exc)
     if res.passed and "qprobe-netns-ok" in res.stdout:
         return None
     if res.passed:

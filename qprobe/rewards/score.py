@@ -10,22 +10,24 @@
 ``python:MOD:FN``   a user's function ``FN(row)`` from module ``MOD`` (or a
                     ``path/file.py``), returning a float or (float, reason)
 
+Kinds are found through the ``qprobe.rewards`` entry-point group (see
+``qprobe.registry``): a plugin adds ``NAME = module:factory``, called as
+``factory(arg, timeout=...)`` and returning ``row -> (float, str)``.
+
 It does not read or write files; rows come in as dicts and rewards go out as
 a list aligned with them.
 """
 from __future__ import annotations
 
-import functools
 import os
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import Iterable
+from typing import Callable, Iterable
 
 from qprobe.errors import QProbeError
-from qprobe.rewards.code import code_reward
-from qprobe.rewards.sandbox import sandbox_backend
-from qprobe.rewards.simple import RewardFn, load_python_reward, match_reward, regex_reward
+from qprobe.pool import map_unordered
+from qprobe.registry import REWARDS, available, load
 
-KINDS = ("code", "match", "match:FIELD", "regex", "regex:FIELD", "python:MODULE:FN")
+RewardFn = Callable[[dict], "tuple[float, str]"]
+KINDS = ("code", "match", "match:FIELD", "regex", "regex:FIELD", "python:MODULE:FN")  # the built-ins
 
 
 def get_reward_fn(kind: str, *, timeout: float = 3.0) -> RewardFn:
@@ -34,10 +36,11 @@ def get_reward_fn(kind: str, *, timeout: float = 3.0) -> RewardFn:
     Parameters
     ----------
     kind : str
-        One of ``code``, ``match[:FIELD]``, ``regex[:FIELD]``,
-        ``python:MODULE:FN``.
+        ``NAME`` or ``NAME:ARG``, NAME registered in the ``qprobe.rewards`` entry-point
+        group: built-ins ``code``, ``match[:FIELD]``, ``regex[:FIELD]``,
+        ``python:MODULE:FN``, or a plugin's.
     timeout : float
-        Seconds per program, for ``code`` only.
+        Seconds per program, for ``code`` (passed to every factory).
 
     Returns
     -------
@@ -50,14 +53,13 @@ def get_reward_fn(kind: str, *, timeout: float = 3.0) -> RewardFn:
         Unknown kind, or a ``python:`` module that cannot be imported.
     """
     name, _, arg = kind.partition(":")
-    if name == "code" and not arg:
-        return functools.partial(code_reward, timeout=timeout)
-    if name in ("match", "regex"):
-        fn = match_reward if name == "match" else regex_reward
-        return functools.partial(fn, field=arg) if arg else fn
-    if name == "python" and arg:
-        return load_python_reward(arg)
-    raise QProbeError(f"unknown reward kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if name not in available(REWARDS):
+        names = sorted(set(available(REWARDS)) - {"code", "match", "regex", "python"})
+        raise QProbeError(f"unknown reward kind {kind!r}; expected one of {', '.join(KINDS + tuple(names))}")
+    fn = load(REWARDS, name)(arg, timeout=timeout)
+    if not callable(fn):
+        raise QProbeError(f"reward kind {name!r}: its factory returned {type(fn).__name__}, not a function")
+    return fn
 
 
 def score_rows(rows: Iterable[dict], kind: str, workers: int | None = None,
@@ -92,27 +94,12 @@ def score_rows(rows: Iterable[dict], kind: str, workers: int | None = None,
     from tqdm.auto import tqdm  # imported here: keep `import qprobe` light
 
     rows = list(rows)
-    fn = get_reward_fn(kind, timeout=timeout)
-    if kind == "code":
-        sandbox_backend()  # fail fast (and probe once) before starting threads
-    workers = max(1, workers or os.cpu_count() or 1)
+    fn = get_reward_fn(kind, timeout=timeout)  # `code` checks its sandbox here, before any thread starts
+    workers = max(1, min(workers or os.cpu_count() or 1, len(rows)))
     results: list[tuple[float, str] | None] = [None] * len(rows)
     with tqdm(total=len(rows), desc=f"reward {kind}", unit="row", disable=not progress) as bar:
-        if workers == 1 or len(rows) <= 1:
-            for i, row in enumerate(rows):
-                results[i] = fn(row)
-                bar.update()
-            return results
-        with ThreadPoolExecutor(max_workers=min(workers, len(rows))) as pool:
-            index = {pool.submit(fn, row): i for i, row in enumerate(rows)}  # future -> row index
-            pending = set(index)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for fut in done:
-                    if fut.exception() is not None:
-                        for other in pending:
-                            other.cancel()
-                        raise fut.exception()
-                    results[index[fut]] = fut.result()
-                    bar.update()
+        # the first row that cannot be scored stops the batch (qprobe.pool: no new row starts)
+        for i, result in map_unordered(fn, enumerate(rows), workers, "qprobe-reward"):
+            results[i] = result
+            bar.update()
     return results

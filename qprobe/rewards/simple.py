@@ -14,6 +14,7 @@ It does not run untrusted code; see ``code.py`` for that.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -173,3 +174,22 @@ def _import_with_cwd(name: str):
     finally:
         if added:
             sys.path.remove(cwd)
+
+
+# Entry points of the ``qprobe.rewards`` group: factory(arg, timeout=...) -> RewardFn,
+# where arg is the text after ``NAME:`` in the kind ("" when absent).
+def make_match_reward(arg: str, *, timeout: float = 3.0) -> RewardFn:
+    """``match`` / ``match:FIELD``: exact match against ``row[FIELD]`` (default ``reference``)."""
+    return functools.partial(match_reward, field=arg) if arg else match_reward
+
+
+def make_regex_reward(arg: str, *, timeout: float = 3.0) -> RewardFn:
+    """``regex`` / ``regex:FIELD``: ``row[FIELD]`` must fullmatch the completion."""
+    return functools.partial(regex_reward, field=arg) if arg else regex_reward
+
+
+def make_python_reward(arg: str, *, timeout: float = 3.0) -> RewardFn:
+    """``python:MODULE:FN``: a user's function, see :func:`load_python_reward`."""
+    if not arg:
+        raise QProbeError("reward kind 'python' should look like python:MODULE:FUNCTION")
+    return load_python_reward(arg)

@@ -112,15 +112,12 @@ class Sampler:
 
 
 def get_sampler(spec: dict) -> Sampler:
-    """Build a sampler from a CLI-style spec dict: kind ("hf" | "api") plus backend options."""
-    kind = spec.get("kind", "hf")
+    """Build a sampler from a CLI-style spec dict: kind (a registered sampler name) plus its options.
+
+    Names come from the ``qprobe.samplers`` entry-point group (see `qprobe.registry`);
+    options that are None are left out, so the backend's defaults apply.
+    """
+    from qprobe.registry import SAMPLERS, build
+
     opts = {k: v for k, v in spec.items() if k != "kind" and v is not None}
-    if kind == "hf":
-        from qprobe.samplers.hf import HFSampler
-
-        return HFSampler(**opts)
-    if kind == "api":
-        from qprobe.samplers.openai_api import OpenAISampler
-
-        return OpenAISampler(**opts)
-    raise QProbeError(f"unknown sampler kind {kind!r} (expected hf or api)")
+    return build(SAMPLERS, spec.get("kind", "hf"), opts)

@@ -249,6 +249,7 @@ class HFSampler(Sampler):
                "token_logprobs": [round(float(x), 4) for x in s.logprobs[:kept]]}
         if self.capture:
             from qprobe.embedders.hf import hf_identity, pool_states
+            from qprobe.hfmodel import dtype_name
             import torch
 
             states = torch.stack(s.states[:kept]) if kept else None  # (kept, n_layers, H)
@@ -256,7 +257,7 @@ class HFSampler(Sampler):
             for li, ((layer_arg, pooling), layer) in enumerate(zip(self.capture, layers)):
                 st = states[:, li] if states is not None else None
                 vec = pool_states(st, s.prompt_state[li], pooling)
-                key = make_key(hf_identity(self.model, layer, pooling), [prompt, text])
+                key = make_key(hf_identity(self.model, layer, pooling, dtype_name(self.device, self.dtype)), [prompt, text])
                 feats[key] = np.asarray(vec, dtype=np.float32)
             res["_features"] = feats
         return s.job, res

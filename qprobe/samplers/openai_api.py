@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 from typing import Iterator, Sequence
 
-from qprobe.apiclient import ApiClient, BadResponse, TaskPool
+from qprobe.apiclient import ApiClient, BadResponse
+from qprobe.pool import TaskPool
 from qprobe.errors import QProbeError
 from qprobe.samplers.base import Sampler, SampleJob
 

@@ -5,16 +5,14 @@ but not the code-block rule, so the API sampler truncates with this too).
 """
 from __future__ import annotations
 
-import re
-
-_FENCE = re.compile(r"^[ \t]*```", re.MULTILINE)
+from qprobe.fences import first_block_close
 
 
 def truncate(text: str, stop: list[str] | None = None, code_block: bool = False) -> tuple[str, bool]:
     """Return (text cut before the first stop, whether a stop was found).
 
     code_block: stop right before the fence that closes the first fenced code
-    block (chat models answer with one block, then chatter).
+    block (chat models answer with one block, then chatter); fences as in `qprobe.fences`.
     """
     cut = len(text)
     for s in stop or ():
@@ -22,11 +20,7 @@ def truncate(text: str, stop: list[str] | None = None, code_block: bool = False)
         if i != -1:
             cut = min(cut, i)
     if code_block:
-        fences = [m.start() for m in _FENCE.finditer(text)]
-        if len(fences) >= 2:
-            # the closing fence must be complete: followed by a newline or the end of a line
-            close = fences[1]
-            line_end = text.find("\n", close)
-            if line_end != -1 or text[close:].strip() == "```":
-                cut = min(cut, close)
+        close = first_block_close(text)  # the same fence rules as the code reward's extractor
+        if close is not None:
+            cut = min(cut, close)
     return text[:cut], cut < len(text)
