@@ -55,6 +55,19 @@ def embedding_for(text: str, dim: int = 8, token_level: bool = False, pooling: s
     return vecs.mean(axis=0) if pooling == "mean" else vecs[-1]
 
 
+def token_logprobs_for(text: str) -> list[float]:
+    """The stub's log p per whitespace token of a completion (what a client should keep)."""
+    return [-round(int(_digest(text, j)[:4], 16) / 65536 * 5, 4) for j, _ in enumerate(text.split())]
+
+
+def logprobs_for(text: str, chat: bool) -> dict:
+    """A choice's ``logprobs`` in the chat shape (content list) or the legacy completions shape."""
+    toks, lps = text.split(), token_logprobs_for(text)
+    if chat:
+        return {"content": [{"token": t, "logprob": lp, "top_logprobs": []} for t, lp in zip(toks, lps)]}
+    return {"tokens": toks, "token_logprobs": lps, "top_logprobs": [{t: lp} for t, lp in zip(toks, lps)]}
+
+
 def _vec(key: str, dim: int) -> list[float]:
     rng = np.random.default_rng(int(_digest(key)[:16], 16))
     return [float(x) for x in rng.standard_normal(dim).astype(np.float32)]
@@ -83,15 +96,19 @@ class StubServer:
         Embedding size.
     ignore_n : bool
         Return one choice whatever ``n`` asks for, like llama.cpp's server.
+    reject_logprobs : bool
+        Answer a request that asks for ``logprobs`` with HTTP 400, like a llama.cpp model built without logits_all.
     die_after : int, optional
         After this many successful answers, stop listening for good (connections refused).
     """
 
     def __init__(self, fault_rate: float = 0.0, faults=FAULTS, retry_after: str = "0", stall_s: float = 2.5,
                  token_level: bool = False, dim: int = 8, ignore_n: bool = False, die_after: int | None = None,
+                 reject_logprobs: bool = False,
                  max_consecutive_faults: int = 3, seed: int = 0, models=("stub-model",)):
         self.fault_rate, self.faults, self.retry_after = fault_rate, tuple(faults), retry_after
         self.stall_s, self.token_level, self.dim, self.ignore_n = stall_s, token_level, dim, ignore_n
+        self.reject_logprobs = reject_logprobs
         self.die_after, self.max_consecutive_faults, self.models = die_after, max_consecutive_faults, set(models)
         self.counts: Counter = Counter()  # "chat" | "completions" | "embeddings" | fault kind | "ok" -> count
         self._rng = random.Random(seed)
@@ -178,6 +195,8 @@ class StubServer:
             reason = "length" if int(_digest(text)[:2], 16) < 64 else "stop"
             choice = {"index": i, "finish_reason": reason}
             choice.update({"message": {"role": "assistant", "content": text}} if endpoint == "chat" else {"text": text})
+            if body.get("logprobs"):
+                choice["logprobs"] = logprobs_for(text, chat=endpoint == "chat")
             choices.append(choice)
         return {"id": "stub", "object": "chat.completion" if endpoint == "chat" else "text_completion",
                 "model": body["model"], "choices": choices}
@@ -245,6 +264,9 @@ class _Handler(BaseHTTPRequestHandler):
         need = {"chat": "messages", "completions": "prompt", "embeddings": "input"}[endpoint]
         if need not in body:
             return self._send(400, {"error": {"message": f"missing {need!r}"}})
+        if stub.reject_logprobs and body.get("logprobs"):
+            stub.counts["logprobs_rejected"] += 1
+            return self._send(400, {"error": {"message": "logprobs is not supported for models created with logits_all=False"}})
         fault = stub.draw_fault(endpoint, body)
         if fault == "429":
             return self._send(429, {"error": {"message": "rate limited"}}, [("Retry-After", stub.retry_after)])
