@@ -230,7 +230,7 @@ def load_features(path: str | os.PathLike, rows: list[dict] | None = None) -> tu
     if X.ndim != 2:
         raise QProbeError(f"{path}: features must be a 2-D matrix, got shape {X.shape}")
     if X.dtype != np.float32:
-        X = X.astype(np.float32)
+        X = np.array(X, dtype=np.float32)  # a plain in-memory array, not a memmap-typed copy
     step = max(1, (1 << 22) // max(1, X.shape[1]))  # ~16 MB of float32 per block
     for s in range(0, X.shape[0], step):
         bad = ~np.isfinite(X[s : s + step])

@@ -187,8 +187,10 @@ def rerank_file(rows_path, features_path, probe_dir, dst, beta=None, seed=None, 
     idx = select_rows(rows, where, rows_path)
     rows, X = [rows[i] for i in idx], take_rows(X, idx)
     probe = _load_probe_for(probe_dir, X, meta, features_path)
-    q = probe.predict(X)
-    chosen = probe.select(X, group_ids(rows), beta=beta, random_state=seed)
+    from qprobe.select import select_indices
+
+    q = probe.predict(X)  # one pass over X (probe.select would make a second)
+    chosen = select_indices(q, group_ids(rows), probe.beta if beta is None else beta, seed)
     out = [{**rows[i], "q": float(q[i])} for i in chosen]
     write_jsonl(dst, out)
     return out
