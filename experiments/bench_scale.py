@@ -12,8 +12,9 @@ then runs each objective in a fresh process that does what ``qprobe train``,
 ``predict`` and ``select`` over every row. The file is deleted at the end
 unless --keep.
 
-Per objective it prints wall time of open+check, fit and predict+select, and
-two memory peaks: ``anon``, the process's own memory (RssAnon sampled every
+Per objective it prints wall time of open+check, fit and predict+select, the
+fit's CPU time over all its threads (on shared cores wall time mostly measures the
+wait for a core), and two memory peaks: ``anon``, the process's own memory (RssAnon sampled every
 20 ms: arrays, torch, Python), which is what must stay small; and ``rss``
 (ru_maxrss), which also counts the file's pages the map has touched: those
 belong to the page cache and the kernel drops them under memory pressure.
@@ -96,9 +97,9 @@ def run_one(folder: Path, objective: str, k: int, seed: int) -> dict:
     base = mon.now()
     t0 = time.perf_counter()
     X, _ = load_features(folder / "features.npy")
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     probe = QProbe(objective, k=k, random_state=seed).fit(X, y, groups=groups)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     q = probe.predict(X)  # one pass over X, then the choice from q, as `qprobe rerank` does
     select_indices(q, groups, 0.0)
     t3 = time.perf_counter()
@@ -107,7 +108,7 @@ def run_one(folder: Path, objective: str, k: int, seed: int) -> dict:
     mon.join()
     return {
         "objective": objective, "rows": n, "features": X.shape[1], "mapped": isinstance(X, np.memmap),
-        "open_s": t1 - t0, "fit_s": t2 - t1, "predict_select_s": t3 - t2, "n_iter": int(probe.n_iter_),
+        "open_s": t1 - t0, "fit_s": t2 - t1, "fit_cpu_s": c2 - c1, "predict_select_s": t3 - t2, "n_iter": int(probe.n_iter_),
         "anon_peak_gib": mon.peak / 2**30, "anon_before_gib": base / 2**30,
         "rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
         "base_reward": float(rep["base_reward"]), "argmax_reward": float(rep["probe_reward"]),
@@ -144,14 +145,14 @@ def main():
                   f"in {time.perf_counter() - t:.0f}s", flush=True)
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
               f"numpy {np.__version__}", flush=True)
-        print(f"{'objective':<9} {'open s':>7} {'fit s':>8} {'pred+sel s':>10} {'iters':>6} "
+        print(f"{'objective':<9} {'open s':>7} {'fit s':>8} {'fit cpu s':>9} {'pred+sel s':>10} {'iters':>6} "
               f"{'anon GiB':>9} {'rss GiB':>8} {'base':>6} {'argmax':>7} {'mapped':>6}", flush=True)
         for obj in args.objectives.split(","):
             cmd = [sys.executable, __file__, "--dir", str(folder), "--k", str(args.k), "--seed", str(args.seed),
                    "--_one", obj]
             out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
             r = json.loads(out)
-            print(f"{obj:<9} {r['open_s']:7.1f} {r['fit_s']:8.1f} {r['predict_select_s']:10.1f} {r['n_iter']:6d} "
+            print(f"{obj:<9} {r['open_s']:7.1f} {r['fit_s']:8.1f} {r['fit_cpu_s']:9.1f} {r['predict_select_s']:10.1f} {r['n_iter']:6d} "
                   f"{r['anon_peak_gib']:9.2f} {r['rss_peak_gib']:8.2f} {r['base_reward']:6.3f} "
                   f"{r['argmax_reward']:7.3f} {'yes' if r['mapped'] else 'NO':>6}", flush=True)
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
