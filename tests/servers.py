@@ -367,13 +367,15 @@ def vllm_unavailable() -> str | None:
 
 
 @contextlib.contextmanager
-def vllm_server(kind: str, log_path: str | os.PathLike, timeout: float = 900.0) -> Iterator[str]:
+def vllm_server(kind: str, log_path: str | os.PathLike, timeout: float | None = None) -> Iterator[str]:
     """Start ``scripts/vllm_server.sh start-KIND`` (generate | pool); yield its base URL; stop it.
 
     The model folder is converted from the GGUF first if missing (with this python,
     which has transformers). The server runs in its own process group, which is
     stopped as a whole (vLLM's engine core is a child process).
     """
+    if timeout is None:  # start-up takes ~1 min on free cores, far longer on busy shared ones
+        timeout = float(os.environ.get("QPROBE_VLLM_START_TIMEOUT", 900))
     port = free_port()
     env = {**os.environ, "PYTHON": sys.executable}
     with open(log_path, "wb") as log:

@@ -2,7 +2,8 @@
 
 Marked `vllm` and `slow`: they need `scripts/vllm_server.sh install` (its own venv, a
 few GB) and start two vLLM servers, several minutes on 2 cores. Without the venv
-they skip, or fail when QPROBE_REQUIRE_VLLM=1. Run them with
+they skip, or fail when QPROBE_REQUIRE_VLLM=1. Each server gets
+QPROBE_VLLM_START_TIMEOUT seconds (default 900) to answer. Run them with
 
     bash scripts/vllm_server.sh install
     QPROBE_REQUIRE_VLLM=1 python -m pytest -q -m vllm tests/test_vllm.py
