@@ -180,23 +180,47 @@ def save_features(path: str | os.PathLike, X: np.ndarray, rows: list[dict], extr
         tmp.write_text(json.dumps(meta, indent=1))
 
 
-def load_features(path: str | os.PathLike, rows: list[dict] | None = None) -> tuple[np.ndarray, dict]:
-    """Load features and their metadata; check they line up with `rows` when given.
+def _mmap_safetensors(path: Path) -> tuple[np.ndarray, dict]:
+    """The `features` tensor of a safetensors file as a read-only memory map, and the qprobe metadata.
 
-    Returns (X of shape (n_rows, n_features) float32, meta). Refuses NaN or inf.
+    The format is an 8-byte little-endian header length, a JSON header, then the raw
+    tensors; numpy maps float16/32/64 directly. Other dtypes (bfloat16) are read whole.
+    """
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    meta = json.loads((header.get("__metadata__") or {}).get("qprobe", "{}"))
+    info = header["features"]
+    dtype = {"F16": np.float16, "F32": np.float32, "F64": np.float64}.get(info["dtype"])
+    if dtype is None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as sf:
+            return sf.get_tensor("features"), meta
+    start, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+        raise ValueError(f"tensor 'features' of shape {shape} does not fill bytes {start}..{end}")
+    return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=shape), meta
+
+
+def load_features(path: str | os.PathLike, rows: list[dict] | None = None) -> tuple[np.ndarray, dict]:
+    """Open features and their metadata; check they line up with `rows` when given.
+
+    Returns (X of shape (n_rows, n_features) float32, meta). A float32 matrix
+    (`.npy` or `.safetensors`) comes back as a read-only memory map: rows are read
+    from disk when used, so a matrix larger than RAM can be trained on and scored
+    (`QProbe.fit`, `predict` and `select` stream over it). Other dtypes are read
+    whole and converted. Refuses NaN or inf (checked block by block).
     """
     path = Path(path)
     if not path.exists():
         raise QProbeError(f"{path}: no such file")
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="numpy") as f:
-                meta = json.loads((f.metadata() or {}).get("qprobe", "{}"))
-                X = f.get_tensor("features")
+            X, meta = _mmap_safetensors(path)
         else:
-            X = np.load(path, allow_pickle=False)
+            X = np.load(path, mmap_mode="r", allow_pickle=False)
             mp = _meta_path(path)
             meta = json.loads(mp.read_text()) if mp.exists() else {}
     except QProbeError:
@@ -205,11 +229,14 @@ def load_features(path: str | os.PathLike, rows: list[dict] | None = None) -> tu
         raise QProbeError(f"{path}: not a readable feature file ({type(e).__name__}: {e})") from None
     if X.ndim != 2:
         raise QProbeError(f"{path}: features must be a 2-D matrix, got shape {X.shape}")
-    X = X.astype(np.float32, copy=False)
-    bad = ~np.isfinite(X)
-    if bad.any():
-        r = int(np.argwhere(bad)[0][0])
-        raise QProbeError(f"{path}: row {r + 1} has NaN or infinite features")
+    if X.dtype != np.float32:
+        X = np.array(X, dtype=np.float32)  # a plain in-memory array, not a memmap-typed copy
+    step = max(1, (1 << 22) // max(1, X.shape[1]))  # ~16 MB of float32 per block
+    for s in range(0, X.shape[0], step):
+        bad = ~np.isfinite(X[s : s + step])
+        if bad.any():
+            r = s + int(np.argwhere(bad)[0][0])
+            raise QProbeError(f"{path}: row {r + 1} has NaN or infinite features")
     if rows is not None:
         if X.shape[0] != len(rows):
             raise QProbeError(f"{path}: {X.shape[0]} feature rows do not line up with {len(rows)} data rows")

@@ -127,12 +127,24 @@ def embed_file(src, dst, embedder, cache: Cache | None = None, batch_size=None, 
     return X
 
 
+def take_rows(X: np.ndarray, idx) -> np.ndarray:
+    """``X[idx]``, but X itself when idx is every row in order.
+
+    X may be a memory map of a file larger than RAM: fancy indexing would copy it
+    whole, so the common case (no ``--where``) keeps the map.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    if idx.shape[0] == X.shape[0] and np.array_equal(idx, np.arange(X.shape[0])):
+        return X
+    return X[idx]
+
+
 def load_rows_features(rows_path, features_path, need_reward=True, where=None):
     rows = read_completions(rows_path, need_reward=need_reward)
     X, meta = load_features(features_path, rows)
     idx = select_rows(rows, where, rows_path)
     rows = [rows[i] for i in idx]
-    return rows, X[idx], meta
+    return rows, take_rows(X, idx), meta
 
 
 def train_file(rows_path, features_path, out_dir, where=None, tune_folds=None, **probe_params):
@@ -173,10 +185,12 @@ def rerank_file(rows_path, features_path, probe_dir, dst, beta=None, seed=None, 
     rows = read_completions(rows_path)
     X, meta = load_features(features_path, rows)
     idx = select_rows(rows, where, rows_path)
-    rows, X = [rows[i] for i in idx], X[idx]
+    rows, X = [rows[i] for i in idx], take_rows(X, idx)
     probe = _load_probe_for(probe_dir, X, meta, features_path)
-    q = probe.predict(X)
-    chosen = probe.select(X, group_ids(rows), beta=beta, random_state=seed)
+    from qprobe.select import select_indices
+
+    q = probe.predict(X)  # one pass over X (probe.select would make a second)
+    chosen = select_indices(q, group_ids(rows), probe.beta if beta is None else beta, seed)
     out = [{**rows[i], "q": float(q[i])} for i in chosen]
     write_jsonl(dst, out)
     return out
@@ -189,7 +203,7 @@ def eval_file(rows_path, features_path, probe_dir, k=None, beta=None, where=None
     rows, X, meta = load_rows_features(rows_path, features_path, where=where)
     if k is not None:
         keep = [i for i, r in enumerate(rows) if int(r["sample"]) < k]
-        rows, X = [rows[i] for i in keep], X[keep]
+        rows, X = [rows[i] for i in keep], take_rows(X, keep)
     probe = _load_probe_for(probe_dir, X, meta, features_path)
     b = probe.beta if beta is None else beta
     q = probe.predict(X)

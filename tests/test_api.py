@@ -15,7 +15,8 @@ from qprobe.embedders.openai_api import OpenAIEmbedder, item_text
 from qprobe.errors import QProbeError
 from qprobe.samplers.base import row_seed
 from qprobe.samplers.openai_api import OpenAISampler
-from qprobe.testing.servers import TRANSIENT, StubServer, completion_for, embedding_for, llama_server, llama_unavailable
+from qprobe.testing.servers import (TRANSIENT, StubServer, completion_for, embedding_for, llama_server,
+                                     llama_unavailable, token_logprobs_for)
 
 FAST = dict(timeout=1.0, max_retries=6, backoff=0.01)  # stall faults hold 2.5 s, past the 1 s timeout
 PROMPTS = [
@@ -69,6 +70,25 @@ def test_chat_and_completions_endpoints():
         assert (stub.counts["chat"], stub.counts["completions"]) == (2, 1)
     assert s_chat.identity() != s_comp.identity()
     assert "api_key" not in str(OpenAISampler("http://x/v1", "m", api_key="sk-secret").identity())
+
+
+@pytest.mark.parametrize("mode", ["chat", "completions"])
+def test_sampled_token_logprobs_are_kept(mode):
+    with StubServer() as stub:
+        rows = sampler(stub, mode=mode).sample(PROMPTS[:1], k=3, progress=False)
+        plain = sampler(stub, mode=mode, logprobs=False).sample(PROMPTS[:1], k=3, seed=9, progress=False)
+    for r in rows:
+        assert r["token_logprobs"] == token_logprobs_for(r["completion"])
+        assert r["n_tokens"] == len(r["token_logprobs"]) > 0
+    assert all("token_logprobs" not in r for r in plain)
+
+
+def test_server_that_rejects_logprobs_is_asked_again_without():
+    with StubServer(reject_logprobs=True) as stub:
+        s = sampler(stub)
+        rows = s.sample(PROMPTS[:2], k=2, progress=False)
+        assert len(rows) == 4 and all("token_logprobs" not in r for r in rows)
+        assert stub.counts["logprobs_rejected"] >= 1 and not s.logprobs
 
 
 @pytest.mark.parametrize("how", ["ignore_n", "fewer_choices"])

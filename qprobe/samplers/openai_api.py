@@ -7,6 +7,12 @@ one) are topped up with further requests until every job has its completion;
 each request carries the seed of its first job, so a server that honours seeds
 but ignores ``n`` still gives different completions for different jobs.
 
+Each request asks for the log-probability of every sampled token (``logprobs``),
+kept as ``token_logprobs`` and ``n_tokens`` like the local sampler's rows, when
+the server returns them (vLLM does, by default from the raw model distribution,
+i.e. at temperature 1; a server that ignores the field just leaves them out, and
+one that rejects it with an error naming log-probs is asked again without).
+
 Requests run on `concurrency` threads and results are yielded as each request
 finishes, so the base class caches them before any later failure surfaces.
 Retries and error messages live in `qprobe.apiclient`.
@@ -25,6 +31,21 @@ from qprobe.errors import QProbeError
 from qprobe.samplers.base import Sampler, SampleJob
 
 MAX_N = 128  # OpenAI's cap on `n`
+
+
+def _token_logprobs(lp) -> list[float] | None:
+    """The sampled tokens' log p from a choice's ``logprobs`` (chat or legacy shape), rounded like the HF sampler's."""
+    if not isinstance(lp, dict):
+        return None
+    if isinstance(lp.get("content"), list):  # chat: [{"token", "logprob", ...}, ...]
+        vals = [t.get("logprob") if isinstance(t, dict) else None for t in lp["content"]]
+    elif isinstance(lp.get("token_logprobs"), list):  # completions: parallel lists
+        vals = lp["token_logprobs"]
+    else:
+        return None
+    if not all(isinstance(v, (int, float)) for v in vals):
+        return None
+    return [round(max(float(v), -1e4), 4) for v in vals]  # -inf (a token the model gave p 0) stays JSON-safe
 
 
 class OpenAISampler(Sampler):
@@ -57,12 +78,16 @@ class OpenAISampler(Sampler):
         Retries per request (see `qprobe.apiclient`).
     backoff : float
         First retry delay in seconds (doubles per retry, jittered).
+    logprobs : bool
+        Ask for the sampled tokens' log-probabilities; turn off for a server that
+        rejects the field.
     """
 
     def __init__(self, api_base: str, model: str, api_key: str | None = None, mode: str = "chat",
                  temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 256,
                  stop: str | list[str] | None = None, n_per_request: int | None = None,
-                 concurrency: int = 4, timeout: float = 60, max_retries: int = 6, backoff: float = 0.5):
+                 concurrency: int = 4, timeout: float = 60, max_retries: int = 6, backoff: float = 0.5,
+                 logprobs: bool = True):
         if mode not in ("chat", "completions"):
             raise QProbeError(f"sampler mode must be 'chat' or 'completions', not {mode!r}")
         if n_per_request is not None and int(n_per_request) < 1:
@@ -76,6 +101,7 @@ class OpenAISampler(Sampler):
         self.stop = [stop] if isinstance(stop, str) else (list(stop) if stop else None)
         self.n_per_request = None if n_per_request is None else int(n_per_request)
         self.concurrency = int(concurrency)
+        self.logprobs = bool(logprobs)
         self.api = ApiClient(self.api_base, api_key, timeout=timeout, max_retries=max_retries, backoff=backoff)
 
     @property
@@ -98,7 +124,11 @@ class OpenAISampler(Sampler):
         if self.stop:
             body["stop"] = self.stop
         if isinstance(prompt, str) and self.mode == "completions":
+            if self.logprobs:
+                body["logprobs"] = 1  # legacy API: top-1 alternatives, and the sampled token's own log p
             return "/completions", {**body, "prompt": prompt}
+        if self.logprobs:
+            body["logprobs"] = True  # chat API: the sampled tokens' log p, no alternatives
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         return "/chat/completions", {**body, "messages": messages}
 
@@ -115,12 +145,23 @@ class OpenAISampler(Sampler):
     def _request(self, jobs: list[SampleJob], stop) -> list[dict]:
         """Up to len(jobs) results for jobs that share one prompt (fewer if the server says so)."""
         path, body = self._body(jobs[0].prompt, len(jobs), jobs[0].seed)
-        data = self.api.post_json(path, body, check=self._check, stop=stop)
+        try:
+            data = self.api.post_json(path, body, check=self._check, stop=stop)
+        except QProbeError as e:
+            if "logprobs" not in body or "logprob" not in str(e).lower():
+                raise
+            self.logprobs = False  # the server refuses log-probs (e.g. a llama.cpp model without logits_all)
+            path, body = self._body(jobs[0].prompt, len(jobs), jobs[0].seed)
+            data = self.api.post_json(path, body, check=self._check, stop=stop)
         choices = sorted(data["choices"], key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0)
         out = []
         for c in choices[: len(jobs)]:
             text = c["text"] if "text" in c else (c["message"].get("content") or "")
-            out.append({"completion": text, "finish_reason": c.get("finish_reason")})
+            res = {"completion": text, "finish_reason": c.get("finish_reason")}
+            lps = _token_logprobs(c.get("logprobs"))
+            if lps is not None:
+                res.update(n_tokens=len(lps), token_logprobs=lps)
+            out.append(res)
         return out
 
     # ------------------------------------------------------------------ the stream

