@@ -37,7 +37,7 @@ def get_reward_fn(kind: str, *, timeout: float = 3.0) -> RewardFn:
         One of ``code``, ``match[:FIELD]``, ``regex[:FIELD]``,
         ``python:MODULE:FN``.
     timeout : float
-        Seconds per program, for ``code`` only.
+        Seconds per program (``code``) or per match (``regex``).
 
     Returns
     -------
@@ -52,9 +52,10 @@ def get_reward_fn(kind: str, *, timeout: float = 3.0) -> RewardFn:
     name, _, arg = kind.partition(":")
     if name == "code" and not arg:
         return functools.partial(code_reward, timeout=timeout)
-    if name in ("match", "regex"):
-        fn = match_reward if name == "match" else regex_reward
-        return functools.partial(fn, field=arg) if arg else fn
+    if name == "match":
+        return functools.partial(match_reward, field=arg) if arg else match_reward
+    if name == "regex":
+        return functools.partial(regex_reward, field=arg or "reference", timeout=timeout)
     if name == "python" and arg:
         return load_python_reward(arg)
     raise QProbeError(f"unknown reward kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -74,7 +75,7 @@ def score_rows(rows: Iterable[dict], kind: str, workers: int | None = None,
         Rows scored at once (threads; ``code`` runs each in its own sandboxed
         process). None: ``os.cpu_count()``. 1: in this thread.
     timeout : float
-        Seconds per program, for ``code``.
+        Seconds per program (``code``) or per match (``regex``).
     progress : bool
         Show a tqdm bar on stderr.
 
