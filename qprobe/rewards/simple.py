@@ -169,7 +169,7 @@ def load_python_reward(spec: str) -> RewardFn:
             out = fn(row)
         except Exception as exc:  # noqa: BLE001 - the user's bug, reported as one line
             raise QProbeError(f"python:{spec} raised {type(exc).__name__} for {describe_row(row)}: "
-                              f"{_short(str(exc), 200)}") from None
+                              f"{str(exc)[:200]}") from None
         value, reason = out if isinstance(out, tuple) and len(out) == 2 else (out, "python")
         try:
             ok = isinstance(value, numbers.Real) and math.isfinite(float(value)) and isinstance(reason, str)
