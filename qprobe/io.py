@@ -308,6 +308,13 @@ def _meta_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def check_features_output(path: str | os.PathLike) -> None:
+    """Refuse a features output that is not a regular file or a new name (a device, a pipe, a folder)."""
+    _, st = resolve_output(path)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise QProbeError(f"{path}: features go to a regular file (with a sidecar), not a device or pipe")
+
+
 def save_features(path: str | os.PathLike, X: np.ndarray, rows: list[dict], extractor: dict) -> None:
     """Save a feature matrix aligned with `rows`, with the extractor's identity.
 
@@ -318,9 +325,7 @@ def save_features(path: str | os.PathLike, X: np.ndarray, rows: list[dict], extr
     X = np.ascontiguousarray(X)
     if X.ndim != 2 or X.shape[0] != len(rows):
         raise QProbeError(f"{path}: features of shape {X.shape} do not line up with {len(rows)} rows")
-    _, st = resolve_output(path)
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        raise QProbeError(f"{path}: features go to a regular file (with a sidecar), not a device or pipe")
+    check_features_output(path)
     meta = {
         "format": FEATURES_FORMAT,
         "extractor": extractor,

@@ -17,6 +17,7 @@ import numpy as np
 from qprobe.cache import Cache, make_key
 from qprobe.errors import QProbeError
 from qprobe.io import (
+    check_features_output,
     check_outputs,
     check_unique_keys,
     finite_or_error,
@@ -152,6 +153,7 @@ def embed_file(src, dst, embedder, cache: Cache | None = None, batch_size=None, 
     from pathlib import Path
 
     check_outputs([dst, Path(str(dst) + ".json")], [src])
+    check_features_output(dst)  # before any model call
     rows = read_completions(src)
     X = embedder.embed([(r["prompt"], r["completion"]) for r in rows], cache=cache, batch_size=batch_size,
                        progress=progress)

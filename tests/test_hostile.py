@@ -11,8 +11,8 @@ import math
 import os
 import re
 import stat
+import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +20,15 @@ import pytest
 from click.testing import CliRunner
 
 from qprobe.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import fault_report as fr  # noqa: E402
 from qprobe.errors import QProbeError
 from qprobe.io import load_features, read_jsonl, save_features, write_jsonl
 
-IDENT = {"kind": "hf", "model": "m", "layer": 1, "pooling": "last"}
-
-
-def rows_of(n_prompts=6, k=4):
-    return [{"prompt_id": f"p{p}", "prompt": f"Task {p}", "sample": s, "completion": f"answer {p}.{s}",
-             "reward": float((p + s) % 2), "reference": f"answer {p}.0"}
-            for p in range(n_prompts) for s in range(k)]
+IDENT = fr.R2_IDENT
+rows_of = fr.round2_rows
 
 
 def invoke(*args):
@@ -62,12 +61,8 @@ def digest(path: Path) -> str:
 
 @pytest.fixture()
 def work(tmp_path):
-    rows = rows_of()
-    write_jsonl(tmp_path / "rows.jsonl", rows)
-    X = np.random.default_rng(0).standard_normal((len(rows), 5))
-    save_features(tmp_path / "X.npy", X, rows, IDENT)
-    r = invoke("train", tmp_path / "rows.jsonl", tmp_path / "X.npy", "-o", tmp_path / "P", "--objective", "mse")
-    assert r.exit_code == 0, r.stderr
+    """rows.jsonl, X.npy (+ sidecar) and a ridge probe P/."""
+    fr.round2_setup(tmp_path)
     return tmp_path
 
 
@@ -100,11 +95,14 @@ def test_train_and_reward_and_embed_refuse_their_inputs(work):
 
 
 # ------------------------------------------------------------------ 3. special files are written through
-def test_dev_null_and_a_symlink_to_it_stay_devices(work):
-    assert rerank(work, "/dev/null").exit_code == 0
-    os.symlink("/dev/null", work / "null-link")
+def test_a_null_device_and_a_symlink_to_it_stay_devices(work):
+    null = fr.private_device(work / "null", 3)  # never the system's /dev/null: a regression would replace it
+    if null is None:
+        pytest.skip("cannot make a device node here")
+    assert rerank(work, null).exit_code == 0
+    os.symlink(null, work / "null-link")
     assert rerank(work, work / "null-link").exit_code == 0
-    assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and (work / "null-link").is_symlink()
+    assert stat.S_ISCHR(os.lstat(null).st_mode) and (work / "null-link").is_symlink()
 
 
 def test_a_fifo_is_written_through(work):
@@ -132,8 +130,11 @@ def test_features_onto_a_device_and_outputs_onto_a_socket_are_refused(work, tmp_
     import socket
 
     rows = rows_of()
-    with pytest.raises(QProbeError, match="regular file"):
-        save_features("/dev/null", np.zeros((len(rows), 2)), rows, IDENT)
+    null = fr.private_device(work / "null", 3)
+    if null is not None:
+        with pytest.raises(QProbeError, match="regular file"):
+            save_features(null, np.zeros((len(rows), 2)), rows, IDENT)
+        assert stat.S_ISCHR(os.lstat(null).st_mode) and not (work / "null.json").exists()
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(work / "sock"))
     try:
@@ -177,7 +178,7 @@ def test_a_sandbox_failure_is_an_error_and_is_not_cached(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "c.jsonl", rows)
     with pytest.raises(QProbeError, match="sandbox failed before the program ran"):
         reward_file(tmp_path / "c.jsonl", tmp_path / "o.jsonl", "code", cache=Cache(tmp_path / "cache"),
-                    workers=1, progress=False)
+                    workers=1, progress=False, timeout=120)  # a loaded machine must not turn it into "timeout"
     assert len(Cache(tmp_path / "cache")) == 0 and not (tmp_path / "o.jsonl").exists()
 
 
@@ -198,11 +199,9 @@ def test_a_catastrophic_regex_times_out_instead_of_hanging(tmp_path):
     rows = [{"prompt_id": "a", "prompt": "p", "sample": 0, "completion": "a" * 40, "reference": "(a|aa)+b"},
             {"prompt_id": "a", "prompt": "p", "sample": 1, "completion": "ab", "reference": "(a|aa)+b"}]
     write_jsonl(tmp_path / "c.jsonl", rows)
-    t0 = time.monotonic()
     r = invoke("reward", tmp_path / "c.jsonl", "-o", tmp_path / "o.jsonl", "--kind", "regex", "--timeout", "0.5",
                "--no-cache")
-    assert r.exit_code == 0, r.stderr
-    assert time.monotonic() - t0 < 30
+    assert r.exit_code == 0, r.stderr  # it returns at all: before, it never did
     out = read_jsonl(tmp_path / "o.jsonl")
     assert [(o["reward"], o["reward_reason"]) for o in out] == [(0.0, "timeout"), (1.0, "match")]
 
@@ -254,120 +253,23 @@ def test_a_gz_output_is_gzip_and_reads_back(work):
 
 
 # ------------------------------------------------------------------ 9. malformed inputs: one line each
-def _malformed(d: Path) -> list[tuple[str, list, str]]:
-    """(what, CLI args, text the error line must contain)."""
-    good = rows_of()
-
-    def jl(name, rows=None, text=None):
-        p = d / name
-        if text is not None:
-            p.write_text(text, encoding="utf-8")
-        else:
-            p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return p
-
-    def with_row0(**kw):
-        return [dict(good[0], **kw)] + good[1:]
-
-    X = np.random.default_rng(0).standard_normal((24, 5))
-    np.save(d / "str.npy", X.astype(str))
-    np.save(d / "rec.npy", np.zeros((24, 2), dtype=[("a", "f4"), ("b", "i4")]))
-    side_list = d / "Xl.npy"
-    save_features(side_list, X, good, IDENT)
-    (d / "Xl.npy.json").write_text("[1, 2]")
-    side_deep = d / "Xd.npy"
-    save_features(side_deep, X, good, IDENT)
-    (d / "Xd.npy.json").write_text("[" * 100000 + "]" * 100000)
-    side_digest = d / "Xg.npy"
-    save_features(side_digest, X, good, IDENT)
-    meta = json.loads((d / "Xg.npy.json").read_text())
-    (d / "Xg.npy.json").write_text(json.dumps(dict(meta, rows_digest=["x"])))
-    cfg = json.loads((d / "P" / "config.json").read_text())
-
-    def probe_with(name, text):
-        import shutil
-
-        q = d / name
-        shutil.copytree(d / "P", q)
-        (q / "config.json").write_text(text)
-        return q
-
-    deep_cfg = probe_with("Pdeep", '{"format": ' + "[" * 100000 + "]" * 100000 + "}")
-    list_cfg = probe_with("Plist", json.dumps([cfg]))
-    params_cfg = probe_with("Pparams", json.dumps(dict(cfg, params=[1, 2])))
-    (d / "cache-bad").mkdir()
-    (d / "cache-bad" / "cache.sqlite").write_bytes(b"this is not an sqlite database" * 100)
-    (d / "raises.py").write_text("def reward(row):\n    raise RuntimeError('oops')\n"
-                                 "def huge(row):\n    return 10 ** 400\n"
-                                 "def nan(row):\n    return float('nan')\n")
-    (d / "afile").write_text("x")
-    ev = ["eval", None, d / "X.npy", "--probe", d / "P"]
-
-    def eval_rows(p):
-        return [a if a is not None else p for a in ev]
-
-    return [
-        ("prompt_id is a list", eval_rows(jl("id-list.jsonl", with_row0(prompt_id=[1, 2]))), "row 1: 'prompt_id'"),
-        ("prompt_id is null", eval_rows(jl("id-null.jsonl", with_row0(prompt_id=None))), "row 1: 'prompt_id'"),
-        ("prompt_id is a float", eval_rows(jl("id-float.jsonl", with_row0(prompt_id=1.5))), "row 1: 'prompt_id'"),
-        ("sample is a string", eval_rows(jl("s-str.jsonl", with_row0(sample="0"))), "row 1: 'sample'"),
-        ("sample is negative", eval_rows(jl("s-neg.jsonl", with_row0(sample=-1))), "row 1: 'sample'"),
-        ("sample is a huge int", eval_rows(jl("s-huge.jsonl", with_row0(sample=10**30))), "row 1: 'sample'"),
-        ("sample is true", eval_rows(jl("s-bool.jsonl", with_row0(sample=True))), "row 1: 'sample'"),
-        ("a 5000-digit integer", eval_rows(jl("digits.jsonl", text=json.dumps(good[0])[:-1] + ', "n": '
-                                              + "9" * 5000 + "}\n")), "digits.jsonl:1:"),
-        ("deeply nested JSON", eval_rows(jl("deep.jsonl", text='{"a": ' + "[" * 100000 + "]" * 100000 + "}\n")),
-         "deep.jsonl:1: JSON nested too deeply"),
-        ("a lone surrogate", eval_rows(jl("surr.jsonl", text=json.dumps(good[0])[:-1] + ', "x": "\\ud800"}\n')),
-         "surr.jsonl:1: field 'x'"),
-        ("reward is a huge int", eval_rows(jl("r-huge.jsonl", with_row0(reward=10**400))), "row 1: reward"),
-        ("features of strings", ["eval", d / "rows.jsonl", d / "str.npy", "--probe", d / "P"], "must be numbers"),
-        ("features of a structured dtype", ["eval", d / "rows.jsonl", d / "rec.npy", "--probe", d / "P"],
-         "must be numbers"),
-        ("sidecar is a list", ["eval", d / "rows.jsonl", side_list, "--probe", d / "P"], "Xl.npy.json: expected"),
-        ("sidecar nested deeply", ["eval", d / "rows.jsonl", side_deep, "--probe", d / "P"], "Xd.npy.json:"),
-        ("sidecar digest of the wrong type", ["eval", d / "rows.jsonl", side_digest, "--probe", d / "P"],
-         "'rows_digest' must be str"),
-        ("probe config nested deeply", ["eval", d / "rows.jsonl", d / "X.npy", "--probe", deep_cfg], "config.json"),
-        ("probe config is a list", ["eval", d / "rows.jsonl", d / "X.npy", "--probe", list_cfg], "config.json"),
-        ("probe params not an object", ["eval", d / "rows.jsonl", d / "X.npy", "--probe", params_cfg],
-         "'params' must be dict"),
-        ("--seed -1", ["train", d / "rows.jsonl", d / "X.npy", "-o", d / "Q", "--seed", "-1"], "--seed"),
-        ("--seed 2**64", ["rerank", d / "rows.jsonl", d / "X.npy", "--probe", d / "P", "-o", d / "o.jsonl",
-                          "--seed", str(2**64)], "--seed"),
-        ("output on a full disk", ["reward", d / "rows.jsonl", "-o", "/dev/full", "--kind", "match", "--no-cache"],
-         "/dev/full: cannot write"),
-        ("output under a file", ["reward", d / "rows.jsonl", "-o", d / "afile" / "o.jsonl", "--kind", "match",
-                                 "--no-cache"], "cannot write"),
-        ("output name too long", ["reward", d / "rows.jsonl", "-o", d / ("x" * 300), "--kind", "match", "--no-cache"],
-         "cannot write"),
-        ("output on a read-only file system", ["reward", d / "rows.jsonl", "-o", "/proc/version", "--kind", "match",
-                                               "--no-cache"], "/proc/version: cannot write"),
-        ("probe onto a read-only file system", ["train", d / "rows.jsonl", d / "X.npy", "-o", "/proc/qprobe-probe",
-                                                "--objective", "mse"], "/proc/qprobe-probe"),
-        ("a corrupt cache file", ["reward", d / "rows.jsonl", "-o", d / "o.jsonl", "--kind", "match",
-                                  "--cache-dir", d / "cache-bad"], "cache.sqlite: cache unusable"),
-        ("a reward function that raises", ["reward", d / "rows.jsonl", "-o", d / "o.jsonl", "--kind",
-                                           f"python:{d / 'raises.py'}:reward", "--no-cache"],
-         "raised RuntimeError for row prompt_id="),
-        ("a reward function returning 10**400", ["reward", d / "rows.jsonl", "-o", d / "o.jsonl", "--kind",
-                                                 f"python:{d / 'raises.py'}:huge", "--no-cache"], "returned 1000"),
-        ("a reward function returning nan", ["reward", d / "rows.jsonl", "-o", d / "o.jsonl", "--kind",
-                                             f"python:{d / 'raises.py'}:nan", "--no-cache"], "returned nan"),
-    ]
+def test_every_round2_case_is_refused_with_one_line_and_no_input_is_destroyed(tmp_path):
+    """The fault report's round-2 cases (ids, huge ints, deep JSON, surrogates, bad sidecars and probe
+    configs, string/structured features, bad seeds, full/read-only/impossible outputs, a corrupt cache,
+    a raising or absurd user reward, plus the classes above), as `experiments/fault_report.py` counts them."""
+    res = fr.hostile_round2(tmp_path / "r2", forgeries=False)
+    bad = [(e["what"], e["line"]) for e in res["entries"] if not e["ok"]]
+    assert not bad, "\n".join(map(str, bad))
+    assert sum(e["class"] == "malformed" for e in res["entries"]) >= 20
+    assert res["destroyed"] == [] and res["inputs_watched"] > 30
 
 
-def test_malformed_inputs_end_in_one_line(work):
-    failures = []
-    for what, args, expect in _malformed(work):
-        try:
-            r = invoke(*args)
-            line = one_line(r)
-            if expect not in line:
-                failures.append((what, line))
-        except (AssertionError, Exception) as e:  # noqa: BLE001 - every case reported at once
-            failures.append((what, repr(e)[:300]))
-    assert not failures, "\n".join(map(str, failures))
+@pytest.mark.slow
+def test_no_forgery_scores_a_reward():
+    """Completions that try to print the token or exit early without passing: none scores 1.0."""
+    res = fr.forged_rewards(timeout=30)
+    assert not [f["what"] for f in res if f["forged"] and not f["known_limit"]]
+    assert not [f for f in res if not f["known_limit"] and f["reason"] == "timeout"]  # a real outcome each
 
 
 # ------------------------------------------------------------------ questionable, decided
