@@ -10,7 +10,11 @@ prints one table of figures and ends with one JSON line of the same figures:
   `sample` and `embed` still ended with the right output;
 * a server that dies for good: one error line, the work so far cached, a rerun completes;
 * hostile or broken inputs tried, and refused with one line (exit 1, no traceback);
-* two `embed` runs sharing one cache directory at once.
+* two `embed` runs sharing one cache directory at once;
+* round 2 (issue 16): outputs naming an input, special files (written through, on device
+  nodes of its own, never the system's), absurd limits, features without a sidecar, about
+  thirty malformed inputs; completions that try to forge a code reward; and the input files
+  destroyed by all of it (must be 0). `--round2-only` runs just these (no model, minutes).
 
 Every scenario is a function that `tests/test_reliability.py` calls and asserts on;
 this file adds only the printing. The stub server is `tests/servers.py`'s. Nothing
@@ -988,8 +992,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", default=None, help="keep the files here [default: a temporary folder]")
     ap.add_argument("--model-dir", default=None, help="a small local model for the context-length cases")
     ap.add_argument("--no-model", action="store_true", help="skip the cases that need a local model")
+    ap.add_argument("--round2-only", action="store_true",
+                    help="run only the round-2 hostile inputs and forgeries (issue 16; no model, a few minutes)")
     a = ap.parse_args(argv)
     t0 = time.monotonic()
+    if a.round2_only:
+        with tempfile.TemporaryDirectory(prefix="qprobe-faults-") as tmp:
+            r2 = hostile_round2(Path(a.workdir or tmp) / "round2")
+        fig = {**round2_figures(r2), "seconds": round(time.monotonic() - t0, 1)}
+        _print_round2(r2)
+        print(json.dumps(fig))
+        return fig
     with tempfile.TemporaryDirectory(prefix="qprobe-faults-") as tmp:
         work = Path(a.workdir or tmp)
         model_dir = a.model_dir
@@ -1002,6 +1015,7 @@ def main(argv=None) -> dict:
         shared = concurrent_embeds(work / "shared", 200)
         hostile = hostile_inputs(work / "hostile", model_dir)
         empty = empty_completions(work / "empty", model_dir)
+        r2 = hostile_round2(work / "round2")
     fig = {
         "runs_interrupted": sum(k["interrupted"] for k in kills),
         "rows_recovered": sum(k["recovered"] for k in kills),
@@ -1020,11 +1034,42 @@ def main(argv=None) -> dict:
         "valid_odd_inputs_accepted": sum(h["ok"] for h in hostile if h["expected"] == "accepted")
         + sum(e["rc"] == 0 for e in empty),
         "shared_cache_runs_correct": 2 * shared["both_correct"],
+        **round2_figures(r2),
         "seconds": round(time.monotonic() - t0, 1),
     }
     _print(kills, faults, dead, shared, hostile, empty)
+    _print_round2(r2)
     print(json.dumps(fig))
     return fig
+
+
+def round2_figures(r2: dict) -> dict:
+    """The round-2 figures: hostile inputs tried and refused, forged rewards, inputs destroyed."""
+    e, f = r2["entries"], r2["forgeries"]
+    return {
+        "round2_hostile_inputs_tried": sum(x["expected"] == "refused" for x in e),
+        "round2_hostile_inputs_refused": sum(x["ok"] for x in e if x["expected"] == "refused"),
+        "round2_odd_inputs_accepted": sum(x["ok"] for x in e if x["expected"] == "accepted"),
+        "round2_odd_inputs": sum(x["expected"] == "accepted" for x in e),
+        "forgeries_tried": sum(not x["known_limit"] for x in f),
+        "forged_rewards": sum(x["forged"] for x in f if not x["known_limit"]),
+        "known_limit_forgeries_tried": sum(x["known_limit"] for x in f),
+        "known_limit_forged": sum(x["forged"] for x in f if x["known_limit"]),
+        "inputs_watched": r2["inputs_watched"],
+        "inputs_destroyed": len(r2["destroyed"]),
+    }
+
+
+def _print_round2(r2: dict) -> None:
+    print("hostile inputs, round 2 (issue 16)")
+    for x in r2["entries"]:
+        mark = "ok " if x["ok"] else "BAD"
+        print(f"  {mark} {x['class']:<14}{x['what']:<52} {(x['line'] or '')[:100]}")
+    print("forged rewards (a wrong add() plus a trick; 1.0 would be a forgery)")
+    for x in r2["forgeries"]:
+        print(f"  {'FORGED' if x['forged'] else 'held  '} {x['what']:<52} {x['reward']:.1f} {x['reason'][:60]}")
+    print(f"inputs destroyed: {len(r2['destroyed'])} of {r2['inputs_watched']} watched "
+          + (", ".join(r2["destroyed"]) if r2["destroyed"] else ""))
 
 
 def _print(kills, faults, dead, shared, hostile, empty) -> None:

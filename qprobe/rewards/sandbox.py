@@ -17,6 +17,10 @@ Backends (``backend=`` argument, else ``$QPROBE_SANDBOX``, else auto):
     /home, /root, /run, only the work dir writable. As root, bwrap runs
     privileged and the program drops to a dedicated unused uid; otherwise
     bwrap uses an unprivileged user namespace. Chosen when a trial run works.
+    As root it is not given ``--disable-userns``: that needs ``--unshare-user``,
+    which as root maps the sandbox uid to the real root (the program could then
+    read root-only files such as /etc/shadow). So a program may create a user
+    namespace of its own, with capabilities over that namespace only.
 ``user``
     As root: the program runs as a dedicated unused uid (one per concurrent
     run), so root-owned files are read-only to it, it cannot signal other
