@@ -7,6 +7,9 @@ share one cache directory at once (SQLite does the locking; we use it rather tha
 hand-written lock files for exactly that reason).
 
 It does not decide what to compute: the samplers and embedders ask it first.
+A cache file that is not an SQLite database (or that SQLite finds corrupt) is one
+`QProbeError` naming it; an entry whose value cannot be decoded counts as missing,
+so it is computed again and overwritten.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from qprobe.errors import QProbeError, one_line
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("QPROBE_CACHE", Path.home() / ".cache" / "qprobe"))
 
@@ -35,9 +40,18 @@ class Cache:
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = Path(directory) if directory is not None else DEFAULT_CACHE_DIR
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "cache.sqlite"
         self._local = threading.local()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._open()
+        except (sqlite3.DatabaseError, OSError) as e:
+            raise self._error(e) from None
+
+    def _error(self, e: Exception) -> QProbeError:
+        return QProbeError(f"{self.path}: cache unusable ({one_line(e)}); delete it or give another --cache-dir")
+
+    def _open(self) -> None:
         # WAL is a property of the database file, set once here. Changing the journal
         # mode can fail with "database is locked" at once, without waiting for the busy
         # timeout, while another process writes; so retry it for a while.
@@ -64,35 +78,53 @@ class Cache:
     def get_many(self, keys: Iterable[str]) -> dict[str, tuple[str, bytes]]:
         keys = list(keys)
         out: dict[str, tuple[str, bytes]] = {}
-        conn = self._conn()
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            q = f"SELECT k, kind, v FROM kv WHERE k IN ({','.join('?' * len(chunk))})"
-            for k, kind, v in conn.execute(q, chunk):
-                out[k] = (kind, v)
+        try:
+            conn = self._conn()
+            for i in range(0, len(keys), 500):
+                chunk = keys[i : i + 500]
+                q = f"SELECT k, kind, v FROM kv WHERE k IN ({','.join('?' * len(chunk))})"
+                for k, kind, v in conn.execute(q, chunk):
+                    out[k] = (kind, v)
+        except sqlite3.DatabaseError as e:
+            raise self._error(e) from None
         return out
 
     def put_many(self, items: Iterable[tuple[str, str, bytes]]) -> None:
-        conn = self._conn()
-        with conn:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany("INSERT OR REPLACE INTO kv (k, kind, v) VALUES (?, ?, ?)", list(items))
+        items = list(items)
+        try:
+            conn = self._conn()
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany("INSERT OR REPLACE INTO kv (k, kind, v) VALUES (?, ?, ?)", items)
+        except sqlite3.DatabaseError as e:
+            raise self._error(e) from None
 
     # -- typed helpers
     def get_json(self, keys: Iterable[str]) -> dict[str, Any]:
-        return {k: json.loads(v) for k, (kind, v) in self.get_many(keys).items() if kind == "json"}
+        out = {}
+        for k, (kind, v) in self.get_many(keys).items():
+            if kind == "json":
+                try:
+                    out[k] = json.loads(v)
+                except (ValueError, TypeError, RecursionError):  # a damaged entry: computed again
+                    continue
+        return out
 
     def put_json(self, items: dict[str, Any]) -> None:
         self.put_many((k, "json", json.dumps(v, ensure_ascii=False).encode()) for k, v in items.items())
 
     def get_vectors(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
-        return {k: np.frombuffer(v, dtype=np.float32) for k, (kind, v) in self.get_many(keys).items() if kind == "f32"}
+        return {k: np.frombuffer(v, dtype=np.float32) for k, (kind, v) in self.get_many(keys).items()
+                if kind == "f32" and isinstance(v, bytes) and len(v) % 4 == 0}  # else damaged: computed again
 
     def put_vectors(self, items: dict[str, np.ndarray]) -> None:
         self.put_many((k, "f32", np.asarray(v, dtype=np.float32).tobytes()) for k, v in items.items())
 
     def __len__(self) -> int:
-        return self._conn().execute("SELECT COUNT(*) FROM kv").fetchone()[0]
+        try:
+            return self._conn().execute("SELECT COUNT(*) FROM kv").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            raise self._error(e) from None
 
     def stats(self) -> dict:
         """Entries by kind (``json``: completions and rewards, ``f32``: feature vectors) and bytes on disk."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 import click
@@ -34,8 +35,29 @@ def user_errors(fn):
             raise click.ClickException(str(err)) from None
         except MemoryError:
             raise click.ClickException("out of memory; try a smaller --batch-size") from None
+        except OSError as e:  # a file the library did not wrap (disk full, permissions): still one line
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or type(e).__name__}") from None
 
     return wrapper
+
+
+class Finite(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (click's accepts nan whatever the bounds)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+SEED = click.IntRange(0, 2**32 - 1)  # what numpy's and torch's seeding accept
+MAX_SECONDS = 3600.0  # --timeout / --request-timeout: longer is a typo, and 1e308 overflows the limits
+features_unchecked_option = click.option(
+    "--features-unchecked", is_flag=True,
+    help="Accept features without a sidecar (.npy.json) recording their rows: you vouch that row i of the "
+         "features is row i of ROWS. Without it such features are refused.")
 
 
 def cache_options(fn):
@@ -62,7 +84,7 @@ def model_options(fn):
         click.option("--device", default=None, help="torch device [default: cuda if present, else cpu]."),
         click.option("--dtype", default=None, help="torch dtype [default: bfloat16 on cuda, float32 on cpu]."),
         click.option("--batch-size", type=click.IntRange(1), default=None, help="Rows per model or API batch."),
-        click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
+        click.option("--request-timeout", type=Finite(0, MAX_SECONDS, min_open=True), default=60.0, show_default=True,
                      help="API: seconds per HTTP attempt."),
         click.option("--max-retries", type=click.IntRange(0), default=6, show_default=True,
                      help="API: retries per request, with exponential backoff from 0.5 s (a refused "
@@ -149,13 +171,13 @@ def prompts(dataset, source, output, splits, limit):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Completion rows (JSONL).")
 @model_options
 @click.option("-k", type=click.IntRange(1), default=8, show_default=True, help="Completions per prompt.")
-@click.option("--temperature", type=click.FloatRange(0), default=0.8, show_default=True)
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
+@click.option("--temperature", type=Finite(0), default=0.8, show_default=True)
+@click.option("--top-p", type=Finite(0, 1, min_open=True), default=0.95, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--code-block/--no-code-block", default=False, show_default=True,
               help="Stop when the first fenced code block closes (local models).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--sampler", "sampler_name", default=None, metavar="NAME",
               help="A registered sampler (entry-point group qprobe.samplers) [default: api with --api-base, else hf].")
 @backend_options
@@ -210,8 +232,8 @@ def sample(prompts_file, output, model, api_base, api_model, api_key, device, dt
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Rows with `reward`.")
 @click.option("--kind", default="code", show_default=True,
               help="code (run the row's tests in the sandbox), match[:FIELD], regex[:FIELD], or python:MODULE:FN.")
-@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=3.0, show_default=True,
-              help="Seconds per program (code).")
+@click.option("--timeout", type=Finite(0, MAX_SECONDS, min_open=True), default=3.0, show_default=True,
+              help="Seconds per program (code) or per match (regex).")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Parallel programs [default: CPU count].")
 @cache_options
 @user_errors
@@ -276,7 +298,9 @@ def embed(completions, output, model, api_base, api_model, api_key, device, dtyp
 
 # --------------------------------------------------------------------------- train / rerank / eval
 where_option = click.option("--where", multiple=True, metavar="FIELD=V1,V2",
-                            help="Use only rows whose FIELD is one of the values (repeatable).")
+                            help="Use only rows whose FIELD is one of the values (repeatable). Numbers compare "
+                                 "as numbers (reward=1 matches 1.0), null/true/false as JSON; a row without "
+                                 "FIELD never matches.")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -284,20 +308,22 @@ where_option = click.option("--where", multiple=True, metavar="FIELD=V1,V2",
 @click.argument("features", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Probe folder.")
 @click.option("--objective", type=click.Choice(["mse", "ce", "pg", "pref"]), default="pg", show_default=True)
-@click.option("--beta", type=click.FloatRange(0), default=0.1, show_default=True, help="Selection temperature.")
+@click.option("--beta", type=Finite(0), default=0.1, show_default=True, help="Selection temperature.")
 @click.option("--k", "chunk_k", type=click.IntRange(2), default=None, help="pg: chunk size [default: the probe's].")
 @click.option("--epochs", type=click.IntRange(1), default=None,
               help="Torch heads (pg, pref, MLP): passes over the data.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None)
-@click.option("--alpha", type=click.FloatRange(0), default=None, help="Linear mse / ce: L2 penalty [default: 1].")
+@click.option("--lr", type=Finite(0, min_open=True), default=None)
+@click.option("--alpha", type=Finite(0), default=None, help="Linear mse / ce: L2 penalty [default: 1].")
 @click.option("--hidden", type=click.IntRange(1), default=None, help="Hidden units of an MLP head [default: linear].")
 @click.option("--tune", "tune_folds", type=click.IntRange(2), default=None, metavar="FOLDS",
               help="Choose --alpha (mse, ce) or --epochs (pg, pref, MLP: about 25-1600 steps) and "
                    "--beta by FOLDS-fold cross-validation over prompts; recommended when positives are few.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @where_option
+@features_unchecked_option
 @user_errors
-def train(rows, features, output, objective, beta, chunk_k, epochs, lr, alpha, hidden, tune_folds, seed, where):
+def train(rows, features, output, objective, beta, chunk_k, epochs, lr, alpha, hidden, tune_folds, seed, where,
+          features_unchecked):
     """Fit a Q-probe on rewarded rows and their features."""
     from qprobe.pipeline import train_file
 
@@ -305,7 +331,8 @@ def train(rows, features, output, objective, beta, chunk_k, epochs, lr, alpha, h
         raise QProbeError("--tune chooses --alpha / --epochs itself: give --tune or them, not both")
     params = dict(objective=objective, beta=beta, random_state=seed, hidden=hidden)
     params.update({k: v for k, v in dict(k=chunk_k, epochs=epochs, lr=lr, alpha=alpha).items() if v is not None})
-    _, n, tuned = train_file(rows, features, output, where=where, tune_folds=tune_folds, **params)
+    _, n, tuned = train_file(rows, features, output, where=where, tune_folds=tune_folds,
+                             features_unchecked=features_unchecked, **params)
     if tuned:
         chosen = ", ".join(f"{k} {v:g}" for k, v in tuned.params.items())
         click.echo(f"cross-validation chose {chosen}, beta {tuned.beta:g} "
@@ -318,15 +345,17 @@ def train(rows, features, output, objective, beta, chunk_k, epochs, lr, alpha, h
 @click.argument("features", type=click.Path(dir_okay=False))
 @click.option("--probe", "probe_dir", required=True, type=click.Path(file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="One chosen row per prompt.")
-@click.option("--beta", type=click.FloatRange(0), default=None, help="0 = argmax [default: the probe's beta].")
-@click.option("--seed", type=int, default=None, help="Seed of the softmax draw.")
+@click.option("--beta", type=Finite(0), default=None, help="0 = argmax [default: the probe's beta].")
+@click.option("--seed", type=SEED, default=None, help="Seed of the softmax draw.")
 @where_option
+@features_unchecked_option
 @user_errors
-def rerank(rows, features, probe_dir, output, beta, seed, where):
+def rerank(rows, features, probe_dir, output, beta, seed, where, features_unchecked):
     """Choose one completion per prompt by softmax(Q / beta)."""
     from qprobe.pipeline import rerank_file
 
-    out = rerank_file(rows, features, probe_dir, output, beta=beta, seed=seed, where=where)
+    out = rerank_file(rows, features, probe_dir, output, beta=beta, seed=seed, where=where,
+                      features_unchecked=features_unchecked)
     click.echo(f"wrote {len(out)} chosen completions to {output}", err=True)
 
 
@@ -335,15 +364,16 @@ def rerank(rows, features, probe_dir, output, beta, seed, where):
 @click.argument("features", type=click.Path(dir_okay=False))
 @click.option("--probe", "probe_dir", required=True, type=click.Path(file_okay=False))
 @click.option("-k", type=click.IntRange(1), default=None, help="Use the first k samples of each prompt.")
-@click.option("--beta", type=click.FloatRange(0), default=None, help="[default: the probe's beta]")
+@click.option("--beta", type=Finite(0), default=None, help="[default: the probe's beta]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @where_option
+@features_unchecked_option
 @user_errors
-def evaluate(rows, features, probe_dir, k, beta, as_json, where):
+def evaluate(rows, features, probe_dir, k, beta, as_json, where, features_unchecked):
     """Report base, probe, best-of-k rewards and the KL of the probe's choice."""
     from qprobe.pipeline import eval_file
 
-    rep = eval_file(rows, features, probe_dir, k=k, beta=beta, where=where)
+    rep = eval_file(rows, features, probe_dir, k=k, beta=beta, where=where, features_unchecked=features_unchecked)
     click.echo(json.dumps(rep) if as_json else format_report(rep))
 
 

@@ -17,6 +17,8 @@ import numpy as np
 from qprobe.cache import Cache, make_key
 from qprobe.errors import QProbeError
 from qprobe.io import (
+    check_features_output,
+    check_outputs,
     check_unique_keys,
     finite_or_error,
     load_features,
@@ -60,15 +62,41 @@ def read_completions(path, need_reward: bool = False) -> list[dict]:
     return rows
 
 
+def _where_matches(value: Any, allowed: set[str]) -> bool:
+    """Does a row's field value equal one of the --where values?
+
+    Strings compare as written; numbers compare as numbers (``reward=1`` matches a
+    stored 1 or 1.0); ``true``/``false``/``null`` match JSON true/false/null.
+    """
+    if value is None:
+        return "null" in allowed
+    if isinstance(value, bool):
+        return ("true" if value else "false") in allowed
+    if isinstance(value, (int, float)):
+        for a in allowed:
+            try:
+                if float(a) == value:
+                    return True
+            except ValueError:
+                continue
+        return False
+    return isinstance(value, str) and value in allowed
+
+
 def select_rows(rows: list[dict], where: Sequence[str] | None, path: Any = "rows") -> np.ndarray:
-    """Indices of rows matching every `FIELD=V1,V2` filter (values compared as strings)."""
+    """Indices of rows matching every `FIELD=V1,V2` filter (see `_where_matches`).
+
+    A row without FIELD matches nothing; a FIELD that no row has is an error (a typo).
+    """
     keep = np.ones(len(rows), dtype=bool)
     for cond in where or ():
         if "=" not in cond:
             raise QProbeError(f"--where {cond!r}: expected FIELD=VALUE[,VALUE...]")
         field, values = cond.split("=", 1)
+        if not any(field in r for r in rows):
+            raise QProbeError(f"--where {cond!r}: no row of {path} has a field {field!r}")
         allowed = set(values.split(","))
-        keep &= np.array([str(r.get(field)) in allowed for r in rows])
+        keep &= np.array([field in r and _where_matches(r[field], allowed) for r in rows])
     if not keep.any():
         raise QProbeError(f"{path}: no rows match --where {' '.join(where or [])}")
     return np.flatnonzero(keep)
@@ -82,6 +110,7 @@ def group_ids(rows: Sequence[dict]) -> np.ndarray:
 
 # --------------------------------------------------------------------------- steps
 def sample_file(src, dst, sampler, k: int, seed: int = 0, cache: Cache | None = None, progress=True) -> list[dict]:
+    check_outputs([dst], [src])
     rows = read_prompts(src)
     if k < 1:
         raise QProbeError("-k must be at least 1")
@@ -95,6 +124,7 @@ def reward_file(src, dst, kind: str, cache: Cache | None = None, workers=None, t
     """Score every row; results are cached in chunks, so a killed run resumes."""
     from qprobe.rewards import REWARDS_VERSION, score_rows
 
+    check_outputs([dst], [src])
     rows = read_completions(src)
     identity = {"reward": kind, "timeout": timeout, "version": REWARDS_VERSION}  # new version: old cached scores unused
     keys = [make_key(identity, {k: v for k, v in r.items() if k not in ("reward", "reward_reason")}) for r in rows]
@@ -120,6 +150,10 @@ def reward_file(src, dst, kind: str, cache: Cache | None = None, workers=None, t
 
 
 def embed_file(src, dst, embedder, cache: Cache | None = None, batch_size=None, progress=True) -> np.ndarray:
+    from pathlib import Path
+
+    check_outputs([dst, Path(str(dst) + ".json")], [src])
+    check_features_output(dst)  # before any model call
     rows = read_completions(src)
     X = embedder.embed([(r["prompt"], r["completion"]) for r in rows], cache=cache, batch_size=batch_size,
                        progress=progress)
@@ -139,22 +173,24 @@ def take_rows(X: np.ndarray, idx) -> np.ndarray:
     return X[idx]
 
 
-def load_rows_features(rows_path, features_path, need_reward=True, where=None):
+def load_rows_features(rows_path, features_path, need_reward=True, where=None, features_unchecked=False):
     rows = read_completions(rows_path, need_reward=need_reward)
-    X, meta = load_features(features_path, rows)
+    X, meta = load_features(features_path, rows, unchecked=features_unchecked)
     idx = select_rows(rows, where, rows_path)
     rows = [rows[i] for i in idx]
     return rows, take_rows(X, idx), meta
 
 
-def train_file(rows_path, features_path, out_dir, where=None, tune_folds=None, **probe_params):
+def train_file(rows_path, features_path, out_dir, where=None, tune_folds=None, features_unchecked=False,
+               **probe_params):
     """Fit and save a probe; with ``tune_folds``, regularisation and beta come from cross-validation.
 
     Returns (probe, number of rows, TuneResult or None).
     """
     from qprobe.probe import QProbe
 
-    rows, X, meta = load_rows_features(rows_path, features_path, where=where)
+    check_outputs([out_dir], [rows_path, features_path])
+    rows, X, meta = load_rows_features(rows_path, features_path, where=where, features_unchecked=features_unchecked)
     y = np.array([r["reward"] for r in rows])
     groups = group_ids(rows)
     tuned = None
@@ -181,9 +217,11 @@ def _load_probe_for(probe_dir, X, meta, features_path):
     return probe
 
 
-def rerank_file(rows_path, features_path, probe_dir, dst, beta=None, seed=None, where=None) -> list[dict]:
+def rerank_file(rows_path, features_path, probe_dir, dst, beta=None, seed=None, where=None,
+                features_unchecked=False) -> list[dict]:
+    check_outputs([dst], [rows_path, features_path, probe_dir])
     rows = read_completions(rows_path)
-    X, meta = load_features(features_path, rows)
+    X, meta = load_features(features_path, rows, unchecked=features_unchecked)
     idx = select_rows(rows, where, rows_path)
     rows, X = [rows[i] for i in idx], take_rows(X, idx)
     probe = _load_probe_for(probe_dir, X, meta, features_path)
@@ -196,11 +234,11 @@ def rerank_file(rows_path, features_path, probe_dir, dst, beta=None, seed=None, 
     return out
 
 
-def eval_file(rows_path, features_path, probe_dir, k=None, beta=None, where=None) -> dict:
+def eval_file(rows_path, features_path, probe_dir, k=None, beta=None, where=None, features_unchecked=False) -> dict:
     """The selection report on held-out rows: base, probe (at beta and argmax), oracle, KL."""
     from qprobe.select import selection_report
 
-    rows, X, meta = load_rows_features(rows_path, features_path, where=where)
+    rows, X, meta = load_rows_features(rows_path, features_path, where=where, features_unchecked=features_unchecked)
     if k is not None:
         keep = [i for i, r in enumerate(rows) if int(r["sample"]) < k]
         rows, X = [rows[i] for i in keep], take_rows(X, keep)

@@ -52,20 +52,30 @@ _TMP_LIKE = ("/tmp", "/var/tmp")
 # Runs first inside the sandbox process (as root under privileged bwrap, else as
 # the sandbox user): rlimits, privilege drop, site, optional audit hook, then
 # the program itself via runpy (same process, so limits and hook apply to it).
+# When the boot's own set-up fails (limits, privilege drop), it writes this mark and
+# the error to stderr and exits BOOT_FAILED_RC: the sandbox failed, not the program,
+# and `sandbox.py` raises instead of scoring (a program that prints the mark itself
+# and exits with that code gets an error, never a reward).
+BOOT_FAILED_MARK = "qprobe-sandbox: boot failed:"
+BOOT_FAILED_RC = 125
 BOOT = """\
 import json, os, resource, sys
 _spec = json.loads(sys.argv[1])
-for _name, _soft, _hard in _spec["limits"]:
-    _res = getattr(resource, _name)
-    _cap = resource.getrlimit(_res)[1]
-    if _cap != resource.RLIM_INFINITY:
-        _hard = min(_hard, _cap)
-        _soft = min(_soft, _hard)
-    resource.setrlimit(_res, (_soft, _hard))
-if _spec["uid"] is not None:
-    os.setgroups([])
-    os.setgid(_spec["uid"])
-    os.setuid(_spec["uid"])
+try:
+    for _name, _soft, _hard in _spec["limits"]:
+        _res = getattr(resource, _name)
+        _cap = resource.getrlimit(_res)[1]
+        if _cap != resource.RLIM_INFINITY:
+            _hard = min(_hard, _cap)
+            _soft = min(_soft, _hard)
+        resource.setrlimit(_res, (_soft, _hard))
+    if _spec["uid"] is not None:
+        os.setgroups([])
+        os.setgid(_spec["uid"])
+        os.setuid(_spec["uid"])
+except BaseException as _e:
+    os.write(2, ("qprobe-sandbox: boot failed: " + type(_e).__name__ + ": " + str(_e) + "\\n").encode())
+    os._exit(125)
 import site
 site.main()
 if _spec["blocked"]:

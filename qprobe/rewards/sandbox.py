@@ -17,6 +17,10 @@ Backends (``backend=`` argument, else ``$QPROBE_SANDBOX``, else auto):
     /home, /root, /run, only the work dir writable. As root, bwrap runs
     privileged and the program drops to a dedicated unused uid; otherwise
     bwrap uses an unprivileged user namespace. Chosen when a trial run works.
+    As root it is not given ``--disable-userns``: that needs ``--unshare-user``,
+    which as root maps the sandbox uid to the real root (the program could then
+    read root-only files such as /etc/shadow). So a program may create a user
+    namespace of its own, with capabilities over that namespace only.
 ``user``
     As root: the program runs as a dedicated unused uid (one per concurrent
     run), so root-owned files are read-only to it, it cannot signal other
@@ -76,6 +80,7 @@ from qprobe.rewards import _isolation as iso
 
 BACKENDS = ("bwrap", "user")
 _SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+MAX_TIMEOUT_S = 3600.0  # a longer limit is a mistake (and 1e308 overflows the rlimits)
 _POLL_S = 0.05     # how often the reader checks whether the program has exited
 _DRAIN_S = 0.1     # after exit, how long to wait for output still in flight
 _PROBE_TIMEOUT = 30.0  # first runs on a loaded machine can be slow
@@ -298,6 +303,10 @@ def run_python(program: str, timeout: float = 3.0, memory_mb: int = 512,
     -------
     SandboxResult
     """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT_S:
+        raise QProbeError(f"sandbox timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {timeout!r}")
+    if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or not 16 <= memory_mb <= 1 << 20:
+        raise QProbeError(f"sandbox memory_mb must be an integer in [16, {1 << 20}], got {memory_mb!r}")
     name = sandbox_backend(backend)
     if name == "user" and os.geteuid() != 0:
         warnings.warn("sandbox backend 'user' without root cannot protect your files, processes "
@@ -399,9 +408,23 @@ def _supervise(argv, kwargs, name, timeout, max_output, uid, token=None) -> Sand
     finally:
         _kill_tree(proc, uid)
     rc = proc.returncode
+    _raise_if_sandbox_failed(rc, err, name)
     reason = stop or _classify(rc, err, name)
     out_text, err_text = (b.decode("utf-8", errors="replace") for b in (out, err))
     return SandboxResult(reason == "passed", reason, out_text, err_text, duration, name, rc)
+
+
+def _raise_if_sandbox_failed(rc: int | None, stderr: bytes, name: str) -> None:
+    """Raise when the sandbox, not the program, failed: the boot's set-up, or bwrap's own.
+
+    Such a run says nothing about the program, so it must not become a cached 0.
+    """
+    text = stderr.decode("utf-8", errors="replace")
+    if rc == iso.BOOT_FAILED_RC and iso.BOOT_FAILED_MARK in text:
+        line = next(ln for ln in text.splitlines() if iso.BOOT_FAILED_MARK in ln)
+        raise QProbeError(f"the sandbox failed before the program ran ({line.strip()})")
+    if name == "bwrap" and rc == 1 and text.startswith("bwrap: "):
+        raise QProbeError(f"the sandbox failed before the program ran ({text.splitlines()[0].strip()})")
 
 
 def _exited(proc) -> bool:

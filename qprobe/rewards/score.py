@@ -40,7 +40,7 @@ def get_reward_fn(kind: str, *, timeout: float = 3.0) -> RewardFn:
         group: built-ins ``code``, ``match[:FIELD]``, ``regex[:FIELD]``,
         ``python:MODULE:FN``, or a plugin's.
     timeout : float
-        Seconds per program, for ``code`` (passed to every factory).
+        Seconds per program (``code``) or per match (``regex``); passed to every factory.
 
     Returns
     -------
@@ -76,7 +76,7 @@ def score_rows(rows: Iterable[dict], kind: str, workers: int | None = None,
         Rows scored at once (threads; ``code`` runs each in its own sandboxed
         process). None: ``os.cpu_count()``. 1: in this thread.
     timeout : float
-        Seconds per program, for ``code``.
+        Seconds per program (``code``) or per match (``regex``).
     progress : bool
         Show a tqdm bar on stderr.
 

@@ -6,9 +6,13 @@ Every reward here takes a completion row (a dict with at least
 * :func:`match_reward`: 1.0 when the stripped completion equals the stripped
   reference (or one of them, when the reference is a list).
 * :func:`regex_reward`: 1.0 when the reference regex matches the *whole*
-  stripped completion (``re.fullmatch`` with ``re.DOTALL``); write
-  ``.*answer.*`` to accept the answer anywhere.
-* :func:`load_python_reward`: a user's ``fn(row) -> float | (float, reason)``.
+  stripped completion (``fullmatch`` with ``DOTALL``); write ``.*answer.*`` to
+  accept the answer anywhere. Matching uses the `regex` package (the syntax of
+  ``re``) for its time limit: a pattern that backtracks catastrophically scores
+  0.0 with reason ``timeout`` instead of hanging.
+* :func:`load_python_reward`: a user's ``fn(row) -> float | (float, reason)``;
+  an exception it raises, or a value that is not a finite number, is one
+  ``QProbeError`` naming the function and the row.
 
 It does not run untrusted code; see ``code.py`` for that.
 """
@@ -20,7 +24,6 @@ import importlib.util
 import math
 import numbers
 import os
-import re
 import sys
 from typing import Callable
 
@@ -35,7 +38,8 @@ def describe_row(row: dict) -> str:
     if isinstance(row, dict):
         for key in _ID_FIELDS:
             if key in row:
-                return f"row {key}={row[key]!r}"
+                sample = f" sample={_short(row['sample'], 20)}" if "sample" in row else ""
+                return f"row {key}={_short(row[key], 40)}{sample}"
         if isinstance(row.get("prompt"), str):
             prompt = " ".join(row["prompt"].split())
             return f"row with prompt {prompt[:40]!r}"
@@ -78,34 +82,45 @@ def match_reward(row: dict, field: str = "reference") -> tuple[float, str]:
     return (1.0, "match") if ok else (0.0, "no match")
 
 
-def regex_reward(row: dict, field: str = "reference") -> tuple[float, str]:
-    """``re.fullmatch(row[field], completion.strip(), re.DOTALL)``.
+def regex_reward(row: dict, field: str = "reference", timeout: float = 3.0) -> tuple[float, str]:
+    """``fullmatch(row[field], completion.strip(), DOTALL)``, with a time limit.
 
     Parameters
     ----------
     row : dict
-        Needs ``completion`` and ``field`` (a regular expression).
+        Needs ``completion`` and ``field`` (a regular expression, ``re`` syntax).
     field : str
         Which field holds the pattern.
+    timeout : float
+        Seconds the match may take.
 
     Returns
     -------
     (float, str)
-        ``(1.0, "match")`` or ``(0.0, "no match")``.
+        ``(1.0, "match")``, ``(0.0, "no match")`` or ``(0.0, "timeout")``.
 
     Raises
     ------
     QProbeError
         Missing field or invalid pattern.
     """
+    import regex  # the `regex` package: like `re`, plus a timeout
+
     text = _completion(row, "regex").strip()
     pattern = _get(row, field, "regex")
     try:
-        ok = re.fullmatch(str(pattern), text, re.DOTALL) is not None
-    except re.error as exc:
+        ok = regex.fullmatch(str(pattern), text, regex.DOTALL, timeout=timeout) is not None
+    except TimeoutError:
+        return 0.0, "timeout"
+    except (regex.error, RecursionError, OverflowError, ValueError) as exc:
         raise QProbeError(f"regex reward: {describe_row(row)} has an invalid pattern "
-                          f"{pattern!r}: {exc}") from None
+                          f"{_short(pattern)}: {exc}") from None
     return (1.0, "match") if ok else (0.0, "no match")
+
+
+def _short(value, n: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def load_python_reward(spec: str) -> RewardFn:
@@ -151,11 +166,18 @@ def load_python_reward(spec: str) -> RewardFn:
         raise QProbeError(f"{module_name!r} has no function {fn_name!r} (reward kind 'python:{spec}')")
 
     def reward(row: dict) -> tuple[float, str]:
-        out = fn(row)
+        try:
+            out = fn(row)
+        except Exception as exc:  # noqa: BLE001 - the user's bug, reported as one line
+            raise QProbeError(f"python:{spec} raised {type(exc).__name__} for {describe_row(row)}: "
+                              f"{str(exc)[:200]}") from None
         value, reason = out if isinstance(out, tuple) and len(out) == 2 else (out, "python")
-        if (not isinstance(value, numbers.Real) or not math.isfinite(float(value))
-                or not isinstance(reason, str)):
-            raise QProbeError(f"python:{spec} returned {out!r} for {describe_row(row)}; "
+        try:
+            ok = isinstance(value, numbers.Real) and math.isfinite(float(value)) and isinstance(reason, str)
+        except (OverflowError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise QProbeError(f"python:{spec} returned {_short(out)} for {describe_row(row)}; "
                               "expected a finite float or (float, str)")
         return float(value), reason
 
@@ -184,8 +206,8 @@ def make_match_reward(arg: str, *, timeout: float = 3.0) -> RewardFn:
 
 
 def make_regex_reward(arg: str, *, timeout: float = 3.0) -> RewardFn:
-    """``regex`` / ``regex:FIELD``: ``row[FIELD]`` must fullmatch the completion."""
-    return functools.partial(regex_reward, field=arg) if arg else regex_reward
+    """``regex`` / ``regex:FIELD``: ``row[FIELD]`` must fullmatch the completion, within ``timeout`` s."""
+    return functools.partial(regex_reward, field=arg or "reference", timeout=timeout)
 
 
 def make_python_reward(arg: str, *, timeout: float = 3.0) -> RewardFn:
