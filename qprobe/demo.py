@@ -15,6 +15,8 @@ from pathlib import Path
 from qprobe.errors import QProbeError
 from qprobe.io import write_jsonl
 
+# part 2 of the demo: the committed Qwen2.5-Coder-0.5B MBPP set of a checkout (see qprobe/replay.py)
+BENCHMARK = Path(__file__).resolve().parents[1] / "data" / "mbpp-qwen2.5-coder-0.5b"
 SHIPPED_MBPP = "data/mbpp_demo.jsonl"  # package data: 100 test and 100 train MBPP tasks
 SHIPPED_TASKS = 100  # tasks of each split in it
 
@@ -53,3 +55,17 @@ def run_demo(out_dir, mbpp_path, train_tasks, test_tasks, k, max_new_tokens, mod
     rep = eval_file(out / "rewarded.jsonl", out / "features.npy", out / "probe", where=["split=test"])
     echo(f"files in {out}/: prompts, completions, rewarded (.jsonl), features.npy, probe/, chosen.jsonl")
     return rep
+
+
+def format_replay(r: dict) -> str:
+    """The demo's part-2 table: stored pass@1 of base, probe and best-of-k, and the sandbox rerun."""
+    lines = [f"MBPP test prompts {r['n_test_prompts']}, k = 8, probe: {r['objective']} (chosen by cross-validation)",
+             f"{'policy':<40}{'pass@1':>8}",
+             f"{'base sampler (mean of k)':<40}{r['base_pass1']:>8.3f}",
+             f"{'Q-probe, beta ' + str(r['beta']):<40}{r['probe_pass1']:>8.3f}",
+             f"{'best-of-k oracle':<40}{r['oracle_pass1']:>8.3f}"]
+    if "rechecked_probe_pass1" in r:
+        lines += [f"run again now in the sandbox: the probe's picks pass {r['rechecked_probe_pass1']:.3f}, "
+                  f"each prompt's first sample {r['rechecked_base_pass1']:.3f} "
+                  f"({100 * r['rechecked_agree']:.1f}% agree with the stored rewards)"]
+    return "\n".join(lines)
