@@ -33,21 +33,21 @@ from mbpp_sample import SETTINGS  # noqa: E402
 from qprobe.cache import Cache  # noqa: E402
 
 
-def prefix_features(model, rows, every):
+def prefix_features(model, rows, every, device=None, dtype=None):
     """(X, y, groups): last-layer states at every `every`-th completion token and at its end, per row."""
     import torch
 
     from qprobe.hfmodel import completion_ids, load_model, prompt_ids
     from qprobe.samplers.guide import prefix_points
 
-    m, tok = load_model(model)
+    m, tok = load_model(model, device, dtype)
     X, y, g = [], [], []
     with torch.inference_mode():
         for r in rows:
             p, c = prompt_ids(tok, r["prompt"]), completion_ids(tok, r["completion"])
-            hs = m.get_decoder()(input_ids=torch.tensor([p + c])).last_hidden_state[0]  # after the final norm
+            hs = m.get_decoder()(input_ids=torch.tensor([p + c], device=m.device)).last_hidden_state[0]  # after the final norm
             for t in prefix_points(tok, c, every):
-                X.append(hs[len(p) + t - 1].float().numpy())
+                X.append(hs[len(p) + t - 1].float().cpu().numpy())
                 y.append(r["reward"])
                 g.append(r["prompt_id"])
     return np.array(X), np.array(y, dtype=float), np.array(g)
@@ -71,6 +71,8 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=0.0, help="guided choice temperature (0 = argmax)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
     ap.add_argument("--cache", default=str(ROOT / ".qprobe-cache"))
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
@@ -98,7 +100,7 @@ def main(argv=None):
         with np.load(saved) as z:
             Xp, yp, gp = z["X"], z["y"], z["g"]
     else:
-        Xp, yp, gp = prefix_features(a.model, pos + neg, a.every)
+        Xp, yp, gp = prefix_features(a.model, pos + neg, a.every, a.device, a.dtype)
         saved.parent.mkdir(parents=True, exist_ok=True)
         np.savez(saved, X=Xp, y=yp, g=gp)
     value = fit(Xp, yp, gp)
@@ -133,7 +135,7 @@ def main(argv=None):
     cache = Cache(a.cache)
     for chunk in map(int, a.chunks.split(",")):
         for B in map(int, a.branches.split(",")):
-            s = HFSampler(a.model, batch_size=a.batch_size, guide=value, chunk=chunk, branch=B, beta=a.beta,
+            s = HFSampler(a.model, batch_size=a.batch_size, device=a.device, dtype=a.dtype, guide=value, chunk=chunk, branch=B, beta=a.beta,
                           **SETTINGS)
             ts = time.time()
             out = s.sample(prompts, k=1, seed=0, cache=cache, progress=False)
