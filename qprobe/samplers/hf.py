@@ -329,7 +329,7 @@ class HFSampler(Sampler):
                 continue
             keep.append(r)
             if self.guide and fed and s.final is None and self.guide.at_boundary(tok, s.ids, s.start, len(s.ids) - 1):
-                s.wait, s.logits = True, logits[r]
+                s.wait, s.logits = True, logits[r].clone()  # a copy: a view would keep the whole step's logits
                 touched.append(s.job)
         batch.select(keep)
         for j in dict.fromkeys(touched):
@@ -359,6 +359,7 @@ class HFSampler(Sampler):
         win.wait, win.start = False, len(win.ids) - 1
         B = self.guide.branch
         if B == 1:
+            win.logits = None
             return
         # the next chunk's other branches: copies of the winner's cache row, each redrawing the
         # chunk's first token from the winner's logits with its own generator
