@@ -60,6 +60,8 @@ def _save_probe(probe, path):
         "params": {k: _jsonable(v) for k, v in probe.get_params().items()},
         "embedder": probe.embedder_,
     }
+    if getattr(probe, "prefix_", False):  # a value probe of partial completions (`train --prefix`)
+        config["prefix"] = True
     try:
         config["sha256"] = _digest(blob, config)
         text = json.dumps(config, indent=2, sort_keys=True)
@@ -202,4 +204,5 @@ def _load_probe(cls, path):
     probe.mean_, probe.scale_ = t["mean"], t["scale"]
     probe.hidden_coef_, probe.hidden_intercept_ = t.get("hidden_coef"), t.get("hidden_intercept")
     probe.n_features_in_, probe.loss_curve_, probe.embedder_ = d, [], cfg.get("embedder")
+    probe.prefix_ = bool(cfg.get("prefix", False))
     return probe

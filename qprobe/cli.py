@@ -184,17 +184,37 @@ def prompts(dataset, source, output, splits, limit):
 @click.option("--capture", multiple=True, metavar="LAYER:POOLING",
               help="Local models: also keep these features from the sampling pass (e.g. -1:last), so a later "
                    "`qprobe embed` with the same --layer/--pooling costs no forward pass.")
+@click.option("--prefix-every", default=None, metavar="N|line",
+              help="With --capture: also keep the features of prefixes of each completion, every N tokens or at "
+                   "line ends (for `embed --prefix` and `train --prefix`); rows gain `prefix_chars`.")
+@click.option("--guide", type=click.Path(file_okay=False), default=None,
+              help="Local models: guided decoding with this prefix value probe (`train --prefix`).")
+@click.option("--chunk", default="32", show_default=True, metavar="N|line",
+              help="--guide: tokens per chunk, or 'line' (a chunk ends at a line end).")
+@click.option("--branch", type=click.IntRange(1), default=4, show_default=True,
+              help="--guide: continuations proposed per row at each chunk boundary.")
+@click.option("--beta", type=click.FloatRange(0), default=0.1, show_default=True,
+              help="--guide: keep a continuation with probability softmax(Q / beta); 0 = argmax, inf = uniform.")
 @cache_options
 @user_errors
 def sample(prompts_file, output, model, api_base, api_model, api_key, device, dtype, batch_size, request_timeout,
            max_retries, k, temperature, top_p, max_new_tokens, stop, code_block, seed, sampler_name, backend_opts, capture,
-           cache_dir, no_cache):
-    """Draw k completions per prompt from a local model, an OpenAI-compatible API or a plugin sampler."""
+           prefix_every, guide, chunk, branch, beta, cache_dir, no_cache):
+    """Draw k completions per prompt from a local model, an OpenAI-compatible API or a plugin sampler.
+
+    With --guide, generate in chunks steered by a prefix value probe (Transfer Q*-style):
+    each live row proposes --branch continuations per chunk and keeps one by softmax(Q / beta).
+    """
     from qprobe.pipeline import sample_file
     from qprobe.samplers import get_sampler
 
     settings = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop=list(stop))
     name = sampler_name or _backend(model, api_base, api_model)
+    if name != "hf" and guide:
+        raise QProbeError("--guide needs a local model (--model): it branches rows and reads hidden states, "
+                          "which an API does not expose")
+    if name != "hf" and prefix_every:
+        raise QProbeError("--prefix-every works with local models only")
     if name not in ("hf", "api"):
         if capture or code_block:
             raise QProbeError("--capture and --code-block work with the hf sampler only")
@@ -219,7 +239,9 @@ def sample(prompts_file, output, model, api_base, api_model, api_key, device, dt
             except ValueError:
                 raise QProbeError(f"--capture {c!r}: expected LAYER:POOLING, e.g. -1:last") from None
         spec = dict(kind="hf", model=model or "smollm2-135m", device=device, dtype=dtype, batch_size=batch_size,
-                    capture=caps, code_block=code_block, **settings)
+                    capture=caps, code_block=code_block, prefix_every=prefix_every, **settings)
+        if guide:
+            spec.update(guide=guide, chunk=chunk, branch=branch, beta=beta)
     if name in ("hf", "api"):
         spec.update(backend_opts)
     rows = sample_file(prompts_file, output, get_sampler(spec), k=k, seed=seed, cache=make_cache(cache_dir, no_cache))
@@ -262,11 +284,13 @@ def reward(completions, output, kind, timeout, workers, cache_dir, no_cache):
 @backend_options
 @click.option("--sentence-model", default=None,
               help="Use a sentence-embedding model instead (e.g. all-MiniLM-L6-v2).")
+@click.option("--prefix", is_flag=True,
+              help="One feature row per kept prefix of each completion (rows from `sample --prefix-every`).")
 @cache_options
 @user_errors
 def embed(completions, output, model, api_base, api_model, api_key, device, dtype, batch_size, request_timeout,
-          max_retries, layer, pooling, embedder_name, backend_opts, sentence_model, cache_dir, no_cache):
-    """Features of each (prompt, completion) row, aligned with the rows."""
+          max_retries, layer, pooling, embedder_name, backend_opts, sentence_model, prefix, cache_dir, no_cache):
+    """Features of each (prompt, completion) row, aligned with the rows (or with --prefix, of each prefix)."""
     from qprobe.embedders import get_embedder
     from qprobe.pipeline import embed_file
 
@@ -292,7 +316,7 @@ def embed(completions, output, model, api_base, api_model, api_key, device, dtyp
         spec = dict(kind="hf", model=model or "smollm2-135m", layer=-1 if layer is None else layer,
                     pooling=pooling or "last", device=device, dtype=dtype, batch_size=batch_size)
     spec.update(backend_opts)
-    X = embed_file(completions, output, get_embedder(spec), cache=make_cache(cache_dir, no_cache))
+    X = embed_file(completions, output, get_embedder(spec), cache=make_cache(cache_dir, no_cache), prefix=prefix)
     click.echo(f"wrote features {X.shape[0]} x {X.shape[1]} to {output}", err=True)
 
 
@@ -318,11 +342,14 @@ where_option = click.option("--where", multiple=True, metavar="FIELD=V1,V2",
 @click.option("--tune", "tune_folds", type=click.IntRange(2), default=None, metavar="FOLDS",
               help="Choose --alpha (mse, ce) or --epochs (pg, pref, MLP: about 25-1600 steps) and "
                    "--beta by FOLDS-fold cross-validation over prompts; recommended when positives are few.")
+@click.option("--prefix", is_flag=True,
+              help="A value probe for `sample --guide`: FEATURES come from `embed --prefix`, each prefix labelled "
+                   "with its completion's reward; the probe file records it.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @where_option
 @features_unchecked_option
 @user_errors
-def train(rows, features, output, objective, beta, chunk_k, epochs, lr, alpha, hidden, tune_folds, seed, where,
+def train(rows, features, output, objective, beta, chunk_k, epochs, lr, alpha, hidden, tune_folds, prefix, seed, where,
           features_unchecked):
     """Fit a Q-probe on rewarded rows and their features."""
     from qprobe.pipeline import train_file
@@ -332,12 +359,13 @@ def train(rows, features, output, objective, beta, chunk_k, epochs, lr, alpha, h
     params = dict(objective=objective, beta=beta, random_state=seed, hidden=hidden)
     params.update({k: v for k, v in dict(k=chunk_k, epochs=epochs, lr=lr, alpha=alpha).items() if v is not None})
     _, n, tuned = train_file(rows, features, output, where=where, tune_folds=tune_folds,
-                             features_unchecked=features_unchecked, **params)
+                             features_unchecked=features_unchecked, prefix=prefix, **params)
     if tuned:
         chosen = ", ".join(f"{k} {v:g}" for k, v in tuned.params.items())
         click.echo(f"cross-validation chose {chosen}, beta {tuned.beta:g} "
                    f"(held-out expected reward {tuned.cv_reward:.3f})", err=True)
-    click.echo(f"trained a {objective} probe on {n} rows; saved to {output}", err=True)
+    click.echo(f"trained a {objective} {'prefix value ' if prefix else ''}probe on {n} rows; saved to {output}",
+               err=True)
 
 
 @cli.command(context_settings=CONTEXT)

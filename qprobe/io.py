@@ -290,8 +290,9 @@ def check_unique_keys(rows: list[dict], path: str | os.PathLike, keys: tuple[str
 
 
 def row_key(row: dict) -> str:
-    """The identity of a completion row within its file: prompt_id and sample."""
-    return json.dumps([row.get("prompt_id"), row.get("sample")], ensure_ascii=False)
+    """The identity of a completion row within its file: prompt_id and sample (and `prefix`, for a prefix row)."""
+    key = [row.get("prompt_id"), row.get("sample")] + ([row["prefix"]] if "prefix" in row else [])
+    return json.dumps(key, ensure_ascii=False)
 
 
 def rows_digest(rows: Iterable[dict]) -> str:

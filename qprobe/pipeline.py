@@ -149,12 +149,32 @@ def reward_file(src, dst, kind: str, cache: Cache | None = None, workers=None, t
     return out
 
 
-def embed_file(src, dst, embedder, cache: Cache | None = None, batch_size=None, progress=True) -> np.ndarray:
+def prefix_rows(rows: list[dict], path: Any = "rows") -> list[dict]:
+    """One row per kept prefix of each completion, in order: the row with `completion` cut to
+    the prefix and `prefix` (its length in characters), from `prefix_chars` written by
+    `qprobe sample --prefix-every`. A prefix row keeps its completion's `reward`."""
+    require_fields(rows, ["prefix_chars"], path, hint="sample with --prefix-every N|line and --capture")
+    out = []
+    for i, r in enumerate(rows, 1):
+        pc, n = r["prefix_chars"], len(r["completion"])
+        if not (isinstance(pc, list) and pc and all(isinstance(c, int) and 0 <= c <= n for c in pc)
+                and pc == sorted(set(pc))):
+            raise QProbeError(f"{path}: row {i}: 'prefix_chars' must be increasing character counts within "
+                              f"the completion ({n} characters)")
+        out += [{**r, "completion": r["completion"][:c], "prefix": c} for c in pc]
+    return out
+
+
+def embed_file(src, dst, embedder, cache: Cache | None = None, batch_size=None, progress=True,
+               prefix: bool = False) -> np.ndarray:
+    """Features of every row, or with `prefix` of every kept prefix of every row (`prefix_rows`)."""
     from pathlib import Path
 
     check_outputs([dst, Path(str(dst) + ".json")], [src])
     check_features_output(dst)  # before any model call
     rows = read_completions(src)
+    if prefix:
+        rows = prefix_rows(rows, src)
     X = embedder.embed([(r["prompt"], r["completion"]) for r in rows], cache=cache, batch_size=batch_size,
                        progress=progress)
     save_features(dst, X, rows, embedder.identity())
@@ -173,8 +193,11 @@ def take_rows(X: np.ndarray, idx) -> np.ndarray:
     return X[idx]
 
 
-def load_rows_features(rows_path, features_path, need_reward=True, where=None, features_unchecked=False):
+def load_rows_features(rows_path, features_path, need_reward=True, where=None, features_unchecked=False,
+                       prefix=False):
     rows = read_completions(rows_path, need_reward=need_reward)
+    if prefix:
+        rows = prefix_rows(rows, rows_path)
     X, meta = load_features(features_path, rows, unchecked=features_unchecked)
     idx = select_rows(rows, where, rows_path)
     rows = [rows[i] for i in idx]
@@ -182,15 +205,19 @@ def load_rows_features(rows_path, features_path, need_reward=True, where=None, f
 
 
 def train_file(rows_path, features_path, out_dir, where=None, tune_folds=None, features_unchecked=False,
-               **probe_params):
+               prefix=False, **probe_params):
     """Fit and save a probe; with ``tune_folds``, regularisation and beta come from cross-validation.
+
+    With ``prefix``, a value probe: one training row per kept prefix (features from
+    `embed --prefix`), labelled with its completion's final reward; the file records it.
 
     Returns (probe, number of rows, TuneResult or None).
     """
     from qprobe.probe import QProbe
 
     check_outputs([out_dir], [rows_path, features_path])
-    rows, X, meta = load_rows_features(rows_path, features_path, where=where, features_unchecked=features_unchecked)
+    rows, X, meta = load_rows_features(rows_path, features_path, where=where, features_unchecked=features_unchecked,
+                                       prefix=prefix)
     y = np.array([r["reward"] for r in rows])
     groups = group_ids(rows)
     tuned = None
@@ -202,7 +229,7 @@ def train_file(rows_path, features_path, out_dir, where=None, tune_folds=None, f
                      random_state=probe_params.get("random_state") or 0, progress=True, **fixed)
         probe_params = {**probe_params, **tuned.params, "beta": tuned.beta}
     probe = QProbe(**probe_params).fit(X, y, groups=groups)
-    probe.save(out_dir, embedder=meta.get("extractor"))
+    probe.save(out_dir, embedder=meta.get("extractor"), prefix=prefix)
     return probe, len(rows), tuned
 
 

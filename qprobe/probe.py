@@ -115,6 +115,10 @@ class QProbe(BaseEstimator):
     embedder_ : dict or None
         Identity of the feature extractor (model, layer, pooling); set by the
         caller after fit or by ``save(..., embedder=...)``; recorded in the file.
+    prefix_ : bool
+        Whether this is a value probe of partial completions, fitted on prefix
+        features labelled with their completion's final reward (``save(...,
+        prefix=True)``, ``qprobe train --prefix``); recorded in the file.
     """
 
     def __init__(
@@ -186,6 +190,7 @@ class QProbe(BaseEstimator):
         self.hidden_coef_ = self.hidden_intercept_ = None
         self.loss_curve_ = []
         self.embedder_ = getattr(self, "embedder_", None)
+        self.prefix_ = getattr(self, "prefix_", False)
         if self.hidden is None and self.objective == "mse":
             w, b = _fit_ridge(X, y, self.mean_, self.scale_, float(self.alpha))
             self.n_iter_ = 1
@@ -357,7 +362,7 @@ class QProbe(BaseEstimator):
                     )
 
     # ------------------------------------------------------------------ files
-    def save(self, path, embedder=None):
+    def save(self, path, embedder=None, prefix=None):
         """Write the probe to directory ``path``, atomically.
 
         The directory holds ``probe.safetensors`` (coef, intercept, mean, scale
@@ -373,10 +378,14 @@ class QProbe(BaseEstimator):
         embedder : dict, optional
             Identity of the feature extractor (model, layer, pooling); stored
             as ``embedder_``. Defaults to the current ``embedder_``.
+        prefix : bool, optional
+            Mark the probe as a prefix value probe (stored as ``prefix_``).
         """
         check_is_fitted(self, "coef_")
         if embedder is not None:
             self.embedder_ = dict(embedder)
+        if prefix is not None:
+            self.prefix_ = bool(prefix)
         _save_probe(self, path)
 
     @classmethod

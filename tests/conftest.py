@@ -26,4 +26,4 @@ def smollm():
     pytest.importorskip("transformers")
     from qprobe.hfmodel import load_model
 
-    return load_model("smollm2-135m")
+    return load_model("smollm2-135m", None, None)  # the same lru_cache key as the sampler and embedder use

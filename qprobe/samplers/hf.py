@@ -1,12 +1,24 @@
 """Sample completions from a local transformers model, batched across prompts.
 
-A hand-written decode loop rather than `model.generate`: `generate` runs a batch
-until its longest member stops, so with varied lengths most of the compute is
-wasted on finished rows. Here finished rows leave the batch at once and new
-prompts are admitted into the free slots (continuous batching), each row draws
-its tokens from its own seeded generator (reruns agree whatever the batching),
-and the hidden states of the fed tokens can be kept, so the features of each
-sample come out of the sampling pass with no second forward pass.
+A hand-written decode loop, for two things neither `model.generate` nor
+transformers' own continuous-batching API (`generate_batch`, the paged
+`ContinuousBatchingManager` of transformers 5) gives:
+
+- **per-row seeds**: each row draws its tokens from its own seeded generator, so a
+  completion is the same whatever it was batched with (reruns and resumed runs agree).
+  `generate` and the continuous-batching API draw from one global torch RNG (the latter
+  seeds it once per manager), so a row's tokens depend on its batch-mates.
+- **features of the sampling pass**: the hidden states of the fed tokens are kept, so the
+  features of each sample (and of chosen prefixes, `prefix_every`) come out of the
+  sampling pass with no second forward pass; and guided decoding (`guide`) scores
+  branches with them mid-generation and copies a row's cache into its branches.
+  Neither API returns hidden states nor lets a caller fork a running row.
+
+It is also continuous: finished rows leave the batch at once and new prompts are
+admitted into the free slots (`generate` runs a batch until its longest member stops).
+Three steps: `_admit` prefills new prompts and `_merge`s them into the running batch,
+`_step` feeds every row its newest token and draws the next, `_settle` retires finished
+rows and, when guided, picks among a row's branches at each chunk boundary.
 
 Does not cache, count or print progress: `Sampler.sample` does that.
 """
@@ -20,19 +32,64 @@ import numpy as np
 from qprobe.cache import make_key
 from qprobe.errors import QProbeError
 from qprobe.hfmodel import DEFAULT_MODEL, load_model, norm_layer, prompt_ids
-from qprobe.samplers.base import Sampler, SampleJob
+from qprobe.samplers.base import Sampler, SampleJob, row_seed
+from qprobe.samplers.guide import Guide, parse_every, prefix_points
 from qprobe.samplers.stops import truncate
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity
 class _Slot:
+    """One row of the batch: a completion being drawn (or, guided, one branch of it)."""
+
     job: int
     gen: object  # torch.Generator of this row
-    ids: list = field(default_factory=list)  # sampled completion token ids
+    ids: list = field(default_factory=list)  # sampled completion token ids; the newest is not fed yet
     logprobs: list = field(default_factory=list)  # log p(token) under the model (temperature 1), per id
-    states: list = field(default_factory=list)  # per fed completion token: (n_capture_layers, hidden)
-    prompt_state: object = None  # (n_capture_layers, hidden) at the last prompt token
+    states: list = field(default_factory=list)  # per fed completion token: (n_state_layers, hidden)
+    prompt_state: object = None  # (n_state_layers, hidden) at the last prompt token
     final: tuple | None = None  # (text, n_kept, reason) once finished but its last token still needs a feed
+    # guided decoding only
+    start: int = 0  # completion tokens fed when this branch's chunk began
+    wait: bool = False  # at its chunk boundary: idle (masked feeds) until its siblings get there
+    logits: object = None  # the logits that drew ids[-1], kept at a boundary to redraw for copies
+    done: tuple | None = None  # (text, n_kept, reason): finished, out of the batch, awaiting the choice
+
+
+@dataclass
+class _Job:
+    """Guided decoding: the per-completion state shared by its branches."""
+
+    rng: object  # numpy Generator of the softmax(Q / beta) choices
+    n_chunks: int = 0
+    n_fed: int = 0  # decode positions run for this completion, over all its branches
+    parked: list = field(default_factory=list)  # finished branches awaiting their siblings
+
+
+class _Batch:
+    """The running batch: its slots and their KV cache, attention mask and next positions."""
+
+    def __init__(self):
+        self.slots: list[_Slot] = []
+        self.cache = self.mask = self.pos = None  # DynamicCache; (B, T) 1 = real token, 0 = pad or idle; (B,)
+
+    def select(self, keep: list[int]) -> None:
+        """Keep rows `keep`; drop left columns that are padding for all of them."""
+        import torch
+
+        if keep == list(range(len(self.slots))):
+            return
+        self.slots = [self.slots[r] for r in keep]
+        if not self.slots:
+            self.cache = self.mask = self.pos = None
+            return
+        idx = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(idx)
+        self.mask, self.pos = self.mask[idx], self.pos[idx]
+        lead = int((self.mask.cumsum(1) == 0).sum(1).min())
+        if lead:
+            self.mask = self.mask[:, lead:]
+            for L in self.cache.layers:
+                L.keys, L.values = L.keys[:, :, lead:], L.values[:, :, lead:]
 
 
 class HFSampler(Sampler):
@@ -55,10 +112,22 @@ class HFSampler(Sampler):
         Also return the features an `HFEmbedder(model, layer, pooling)` would
         compute, taken from this sampling pass; stored in the cache under that
         embedder's keys.
+    prefix_every : int or "line", optional
+        With `capture`: also keep the features of prefixes of each completion, every
+        N tokens or after each token that ends a line (and the whole completion), under
+        the embedder's keys of (prompt, prefix text). Results gain ``prefix_chars``: the
+        length of each kept prefix, in characters of the completion.
+    guide : str or QProbe, optional
+        A prefix value probe (`qprobe train --prefix`): generate in chunks; at each chunk
+        boundary every live row proposes `branch` continuations of `chunk` tokens (or to a
+        line end), scored by the probe on prefix + continuation, and keeps one drawn from
+        softmax(Q / `beta`). Branches are extra rows sharing the prefix's KV cache (copied
+        rows). Results gain ``n_generated``: decode positions run over all branches.
     """
 
     def __init__(self, model=DEFAULT_MODEL, temperature=0.8, top_p=0.95, max_new_tokens=256, stop=None,
-                 code_block=False, batch_size=32, capture=None, device=None, dtype=None):
+                 code_block=False, batch_size=32, capture=None, device=None, dtype=None, prefix_every=None,
+                 guide=None, chunk=32, branch=4, beta=0.1):
         self.model = model
         self.temperature = float(temperature)
         self.top_p = float(top_p)
@@ -69,10 +138,19 @@ class HFSampler(Sampler):
         self.capture = [(int(l) if l is not None else -1, p) for l, p in (capture or [])]
         self.device = device
         self.dtype = dtype
+        self.prefix_every = parse_every(prefix_every)
+        if self.prefix_every is not None and not self.capture:
+            raise QProbeError("--prefix-every keeps prefix features: give --capture LAYER:POOLING too")
+        self.guide = Guide(guide, model, chunk, branch, beta) if guide is not None else None
 
     def identity(self) -> dict:
-        return {"kind": "hf", "model": self.model, "temperature": self.temperature, "top_p": self.top_p,
-                "max_new_tokens": self.max_new_tokens, "stop": self.stop, "code_block": self.code_block}
+        ident = {"kind": "hf", "model": self.model, "temperature": self.temperature, "top_p": self.top_p,
+                 "max_new_tokens": self.max_new_tokens, "stop": self.stop, "code_block": self.code_block}
+        if self.prefix_every is not None:  # only when set: plain runs keep their cache keys
+            ident["prefix_every"] = self.prefix_every
+        if self.guide is not None:
+            ident["guide"] = self.guide.identity()
+        return ident
 
     # ------------------------------------------------------------------ token choice
     def _draw(self, logits, slots):
@@ -105,8 +183,9 @@ class HFSampler(Sampler):
         import torch
 
         model, tok = load_model(self.model, self.device, self.dtype)
-        layers = [norm_layer(model, l) for l, _ in self.capture]
-        want_states = bool(self.capture)
+        # hidden-state layers kept per fed token: the captured ones, then the guide's
+        self._cap_layers = [norm_layer(model, l) for l, _ in self.capture]
+        self._layers = list(dict.fromkeys(self._cap_layers + ([self.guide.layer] if self.guide else [])))
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
         eos.discard(None)
@@ -119,112 +198,205 @@ class HFSampler(Sampler):
         # longest prompts first: admitted together, they share padding
         order = sorted(range(len(jobs)), key=lambda i: -lengths[i])
         queue = list(reversed(order))  # pop() takes the next
+        self._m, self._tok, self._jobs, self._eos = model, tok, jobs, eos
+        self._guided: dict[int, _Job] = {}  # job index -> its guided-decoding state
+        batch = _Batch()
+        try:
+            with torch.inference_mode():
+                while queue or batch.slots:
+                    rows_per_job = self.guide.branch if self.guide else 1
+                    free = self.batch_size - len(batch.slots)
+                    # admit new prompts when a quarter of the slots are free
+                    if queue and (not batch.slots or free >= max(rows_per_job, self.batch_size // 4)):
+                        n = max(1, free // rows_per_job)
+                        yield from self._admit(batch, [queue.pop() for _ in range(min(n, len(queue)))])
+                    if batch.slots:
+                        yield from self._step(batch)
+        finally:
+            self._m = self._tok = self._jobs = self._guided = None
 
-        with torch.inference_mode():
-            yield from self._loop(model, tok, jobs, layers, want_states, eos, queue)
+    @property
+    def _want_states(self) -> bool:
+        return bool(self._layers)
 
-    def _loop(self, model, tok, jobs, layers, want_states, eos, queue):
+    def _admit(self, batch: _Batch, new: list[int]):
+        """Prefill the prompts of jobs `new` (each distinct prompt once), draw their first tokens, merge."""
         import torch
         from transformers import DynamicCache
 
-        dev = model.device
-        slots: list[_Slot] = []
-        cache = mask = pos = None  # batch KV cache; (B, T) 1 = real token, 0 = left pad; (B,) next position
-        while queue or slots:
-            # admit new prompts when a quarter of the slots are free
-            free = self.batch_size - len(slots)
-            if queue and (not slots or free >= max(1, self.batch_size // 4)):
-                new = [queue.pop() for _ in range(min(free, len(queue)))]
-                # the k samples of a prompt share its prefill: run each distinct prompt once
-                uniq: dict[tuple, int] = {}  # prompt ids -> row of the prefill batch
-                pids, row_of = [], []
-                for j in new:
-                    ids = tuple(prompt_ids(tok, jobs[j].prompt))
-                    if ids not in uniq:
-                        uniq[ids] = len(pids)
-                        pids.append(ids)
-                    row_of.append(uniq[ids])
-                P = max(map(len, pids))
-                inp = torch.full((len(pids), P), tok.pad_token_id, dtype=torch.long)
-                m = torch.zeros((len(pids), P), dtype=torch.long)
-                for r, ids in enumerate(pids):
-                    inp[r, P - len(ids):] = torch.tensor(ids)
-                    m[r, P - len(ids):] = 1
-                pcache = DynamicCache()
-                out = model(input_ids=inp.to(dev), attention_mask=m.to(dev),
-                            position_ids=(m.cumsum(-1) - 1).clamp(min=0).to(dev),
-                            past_key_values=pcache, use_cache=True, output_hidden_states=want_states,
-                            logits_to_keep=1)
-                rows = torch.tensor(row_of, device=dev)
-                for L in pcache.layers:
-                    L.keys, L.values = L.keys[rows], L.values[rows]
-                m = m.to(dev)[rows]
-                new_slots = []
-                for r, j in zip(row_of, new):
-                    g = torch.Generator(device="cpu").manual_seed(int(jobs[j].seed))
-                    s = _Slot(job=j, gen=g)
-                    if want_states:
-                        s.prompt_state = torch.stack([out.hidden_states[l][r, -1] for l in layers]).float().cpu()
-                    new_slots.append(s)
-                first_logits = out.logits[:, -1][rows]
-                first = self._draw(first_logits, new_slots)
-                first_lp = _token_logprobs(first_logits, first)
-                ppos = m.sum(-1)
-                if not slots:
-                    cache, mask, pos = pcache, m, ppos
-                else:
-                    T0, T1 = mask.shape[1], m.shape[1]
-                    T = max(T0, T1)
-                    for L0, L1 in zip(cache.layers, pcache.layers):
-                        L0.keys = torch.cat([_lpad(L0.keys, T), _lpad(L1.keys, T)], 0)
-                        L0.values = torch.cat([_lpad(L0.values, T), _lpad(L1.values, T)], 0)
-                    mask = torch.cat([_lpad(mask, T, dim=1), _lpad(m, T, dim=1)], 0)
-                    pos = torch.cat([pos, ppos])
-                for s, t, lp in zip(new_slots, first, first_lp):
-                    s.ids.append(t)
-                    s.logprobs.append(lp)
-                slots += new_slots
-                # a first token can already end a row (EOS, or max_new_tokens 1)
-                done, keep = self._retire(slots, jobs, tok, eos, layers, fed=False)
-                yield from done
-                slots, cache, mask, pos = _select(slots, keep, cache, mask, pos)
+        model, tok, jobs, dev = self._m, self._tok, self._jobs, self._m.device
+        B = self.guide.branch if self.guide else 1
+        uniq: dict[tuple, int] = {}  # prompt ids -> row of the prefill batch
+        pids, row_of, slots = [], [], []
+        for j in new:
+            ids = tuple(prompt_ids(tok, jobs[j].prompt))
+            if ids not in uniq:
+                uniq[ids] = len(pids)
+                pids.append(ids)
+            if self.guide:
+                self._guided[j] = _Job(rng=np.random.default_rng([int(jobs[j].seed), 1]))
+            for b in range(B):  # guided: the first chunk's branches share the prompt's prefill
+                row_of.append(uniq[ids])
+                slots.append(_Slot(job=j, gen=self._branch_gen(j, b)))
+        P = max(map(len, pids))
+        inp = torch.full((len(pids), P), tok.pad_token_id, dtype=torch.long)
+        m = torch.zeros((len(pids), P), dtype=torch.long)
+        for r, ids in enumerate(pids):
+            inp[r, P - len(ids):] = torch.tensor(ids)
+            m[r, P - len(ids):] = 1
+        pcache = DynamicCache()
+        out = model(input_ids=inp.to(dev), attention_mask=m.to(dev), position_ids=(m.cumsum(-1) - 1).clamp(min=0).to(dev),
+                    past_key_values=pcache, use_cache=True, output_hidden_states=self._want_states, logits_to_keep=1)
+        rows = torch.tensor(row_of, device=dev)
+        for L in pcache.layers:
+            L.keys, L.values = L.keys[rows], L.values[rows]
+        m = m.to(dev)[rows]
+        if self._want_states:
+            for r, s in zip(row_of, slots):
+                s.prompt_state = torch.stack([out.hidden_states[l][r, -1] for l in self._layers]).float().cpu()
+        logits = out.logits[:, -1][rows]
+        drawn = self._draw(logits, slots)
+        for s, t, lp in zip(slots, drawn, _token_logprobs(logits, drawn)):
+            s.ids.append(t)
+            s.logprobs.append(lp)
+        self._merge(batch, slots, pcache, m, m.sum(-1))
+        # a first token can already end a row (EOS, or max_new_tokens 1)
+        yield from self._settle(batch, fed=False, logits=None)
 
-            if not slots:
-                continue
-            # one decode step for every slot: feed its newest token
-            nxt = [s.ids[-1] for s in slots]
-            mask = torch.cat([mask, torch.ones((len(slots), 1), dtype=mask.dtype, device=dev)], 1)
-            out = model(input_ids=torch.tensor(nxt, device=dev)[:, None], attention_mask=mask,
-                        position_ids=pos[:, None], past_key_values=cache, use_cache=True,
-                        output_hidden_states=want_states)
-            pos = pos + 1
-            if want_states:
-                hs = torch.stack([out.hidden_states[l][:, -1] for l in layers], 1).float().cpu()  # (B, n_layers, H)
-                for r, s in enumerate(slots):
-                    s.states.append(hs[r])
-            drawn = self._draw(out.logits[:, -1], slots)
-            drawn_lp = _token_logprobs(out.logits[:, -1], drawn)
-            for s, t, lp in zip(slots, drawn, drawn_lp):
-                if s.final is None:
-                    s.ids.append(t)
-                    s.logprobs.append(lp)
-            done, keep = self._retire(slots, jobs, tok, eos, layers, fed=True)
-            yield from done
-            slots, cache, mask, pos = _select(slots, keep, cache, mask, pos)
+    def _merge(self, batch: _Batch, slots, cache, mask, pos) -> None:
+        """Append rows (their cache, mask and positions) to the running batch, left-padding the shorter side."""
+        import torch
 
-    def _retire(self, slots, jobs, tok, eos, layers, fed: bool):
-        """Results of finished slots, and the row indices of the slots that stay."""
-        done, keep = [], []
-        for r, s in enumerate(slots):
-            res = self._finished(s, tok, eos, fed)
-            if res is None:
+        if not batch.slots:
+            batch.slots, batch.cache, batch.mask, batch.pos = list(slots), cache, mask, pos
+            return
+        T = max(batch.mask.shape[1], mask.shape[1])
+        for L0, L1 in zip(batch.cache.layers, cache.layers):
+            L0.keys = torch.cat([_lpad(L0.keys, T), _lpad(L1.keys, T)], 0)
+            L0.values = torch.cat([_lpad(L0.values, T), _lpad(L1.values, T)], 0)
+        batch.mask = torch.cat([_lpad(batch.mask, T, dim=1), _lpad(mask, T, dim=1)], 0)
+        batch.pos = torch.cat([batch.pos, pos])
+        batch.slots += list(slots)
+
+    def _step(self, batch: _Batch):
+        """One decode step: every live row is fed its newest token; rows waiting at a chunk boundary idle."""
+        import torch
+
+        dev = self._m.device
+        live = [r for r, s in enumerate(batch.slots) if not s.wait]
+        act = torch.tensor([not s.wait for s in batch.slots], dtype=batch.mask.dtype, device=dev)
+        nxt = [s.ids[-1] if not s.wait else self._tok.pad_token_id for s in batch.slots]
+        # an idle row's feed lands in a masked column and does not advance its position
+        batch.mask = torch.cat([batch.mask, act[:, None]], 1)
+        out = self._m(input_ids=torch.tensor(nxt, device=dev)[:, None], attention_mask=batch.mask,
+                      position_ids=batch.pos[:, None], past_key_values=batch.cache, use_cache=True,
+                      output_hidden_states=self._want_states)
+        batch.pos = batch.pos + act
+        logits = out.logits[live, -1]
+        slots = [batch.slots[r] for r in live]
+        if self._want_states:
+            hs = torch.stack([out.hidden_states[l][live, -1] for l in self._layers], 1).float().cpu()  # (n, layers, H)
+            for i, s in enumerate(slots):
+                s.states.append(hs[i])
+        drawn = self._draw(logits, slots)
+        for s, t, lp in zip(slots, drawn, _token_logprobs(logits, drawn)):
+            if self.guide:
+                self._guided[s.job].n_fed += 1
+            if s.final is None:
+                s.ids.append(t)
+                s.logprobs.append(lp)
+        full = [None] * len(batch.slots)  # row -> its logits (live rows only)
+        for i, r in enumerate(live):
+            full[r] = logits[i]
+        yield from self._settle(batch, fed=True, logits=full)
+
+    def _settle(self, batch: _Batch, fed: bool, logits):
+        """Yield finished results, drop finished rows; guided, choose among branches at chunk boundaries."""
+        tok, jobs = self._tok, self._jobs
+        keep, touched = [], []
+        for r, s in enumerate(batch.slots):
+            if s.wait:
                 keep.append(r)
-            else:
-                done.append(self._result(s, jobs[s.job].prompt, *res, layers))
-        return done, keep
+                continue
+            res = self._finished(s, fed)
+            if res is not None and not self.guide:
+                yield self._result(s, jobs[s.job].prompt, *res)
+                continue
+            if res is not None:
+                s.done = res
+                self._guided[s.job].parked.append(s)
+                touched.append(s.job)
+                continue
+            keep.append(r)
+            if self.guide and fed and s.final is None and self.guide.at_boundary(tok, s.ids, s.start, len(s.ids) - 1):
+                s.wait, s.logits = True, logits[r].clone()  # a copy: a view would keep the whole step's logits
+                touched.append(s.job)
+        batch.select(keep)
+        for j in dict.fromkeys(touched):
+            if not any(s.job == j and not s.wait for s in batch.slots):  # every branch is at its boundary or done
+                yield from self._choose(batch, j)
 
-    def _finished(self, s: _Slot, tok, eos, fed: bool):
+    def _choose(self, batch: _Batch, j: int):
+        """Keep one of job j's branches by softmax(Q / beta); fork it into the next chunk's branches."""
+        import torch
+
+        g = self._guided[j]
+        rows = [r for r, s in enumerate(batch.slots) if s.job == j]
+        cands = [batch.slots[r] for r in rows] + g.parked
+        li = self._layers.index(self.guide.layer)
+        feats = [self._pooled(s, li, s.done[1] if s.done else len(s.ids) - 1, self.guide.pooling) for s in cands]
+        c, _ = self.guide.choose(np.stack(feats), g.rng)
+        win, g.parked = cands[c], []
+        g.n_chunks += 1
+        others = set(rows) - ({rows[c]} if c < len(rows) else set())
+        batch.select([r for r in range(len(batch.slots)) if r not in others])
+        if win.done:
+            job, res = self._result(win, self._jobs[j].prompt, *win.done)
+            res["n_generated"] = g.n_fed
+            del self._guided[j]
+            yield job, res
+            return
+        win.wait, win.start = False, len(win.ids) - 1
+        B = self.guide.branch
+        if B == 1:
+            win.logits = None
+            return
+        # the next chunk's other branches: copies of the winner's cache row, each redrawing the
+        # chunk's first token from the winner's logits with its own generator
+        r = next(i for i, x in enumerate(batch.slots) if x is win)
+        copies = [_Slot(job=j, gen=self._branch_gen(j, b, g.n_chunks), ids=list(win.ids), logprobs=list(win.logprobs),
+                        states=list(win.states), prompt_state=win.prompt_state, start=win.start) for b in range(1, B)]
+        L = win.logits[None].expand(B - 1, -1)
+        drawn = self._draw(L, copies)
+        for s, t, lp in zip(copies, drawn, _token_logprobs(L, drawn)):
+            s.ids[-1], s.logprobs[-1] = t, lp
+            s.done = self._finished(s, fed=False)  # a redrawn token can end the branch at once
+        g.parked = [s for s in copies if s.done]
+        copies = [s for s in copies if not s.done]
+        win.logits = None
+        if not copies:
+            return
+        idx = torch.full((len(copies),), r, device=batch.mask.device)
+        for layer in batch.cache.layers:
+            layer.keys = torch.cat([layer.keys, layer.keys[idx]], 0)
+            layer.values = torch.cat([layer.values, layer.values[idx]], 0)
+        batch.mask = torch.cat([batch.mask, batch.mask[idx]], 0)
+        batch.pos = torch.cat([batch.pos, batch.pos[idx]])
+        batch.slots += copies
+
+    def _branch_gen(self, j: int, b: int, chunk: int = 0):
+        """Branch 0 of the first chunk draws from the row's own seed (so B = 1 is plain sampling);
+        every other branch from a seed derived from the row's, the chunk and the branch."""
+        import torch
+
+        seed = int(self._jobs[j].seed)
+        if b or chunk:
+            seed = row_seed(seed, ["branch", chunk], b)
+        return torch.Generator(device="cpu").manual_seed(seed)
+
+    def _finished(self, s: _Slot, fed: bool):
         """(text, n_kept_tokens, reason) when slot `s` is done, else None."""
+        tok, eos = self._tok, self._eos
         if s.final is not None:
             return s.final if fed else None  # done once its last kept token has been fed
         n_fed = len(s.ids) - 1  # the newest sampled token is not fed yet
@@ -239,49 +411,46 @@ class HFSampler(Sampler):
                 kept, reason = len(s.ids), "length"
             else:
                 return None
-        if kept > n_fed and self.capture:
+        if kept > n_fed and self._want_states:
             s.final = (text, kept, reason)  # feed it once more for its hidden state
             return None
         return text, kept, reason
 
-    def _result(self, s: _Slot, prompt, text: str, kept: int, reason: str, layers) -> tuple[int, dict]:
+    def _pooled(self, s: _Slot, li: int, n: int, pooling: str):
+        """Features of the first n completion tokens of slot s at state layer li (the prompt's when n = 0)."""
+        from qprobe.embedders.hf import pool_states
+        import torch
+
+        st = torch.stack([x[li] for x in s.states[:n]]) if n else None
+        return np.asarray(pool_states(st, s.prompt_state[li], pooling), dtype=np.float32)
+
+    def _result(self, s: _Slot, prompt, text: str, kept: int, reason: str) -> tuple[int, dict]:
         res = {"completion": text, "finish_reason": reason, "n_tokens": kept,
                "token_logprobs": [round(float(x), 4) for x in s.logprobs[:kept]]}
-        if self.capture:
-            from qprobe.embedders.hf import hf_identity, pool_states
-            from qprobe.hfmodel import dtype_name
-            import torch
+        if not self.capture:
+            return s.job, res
+        from qprobe.embedders.hf import hf_identity
+        from qprobe.hfmodel import dtype_name
 
-            states = torch.stack(s.states[:kept]) if kept else None  # (kept, n_layers, H)
-            feats = {}
-            for li, ((layer_arg, pooling), layer) in enumerate(zip(self.capture, layers)):
-                st = states[:, li] if states is not None else None
-                vec = pool_states(st, s.prompt_state[li], pooling)
-                key = make_key(hf_identity(self.model, layer, pooling, dtype_name(self.device, self.dtype)), [prompt, text])
-                feats[key] = np.asarray(vec, dtype=np.float32)
-            res["_features"] = feats
+        dtype = dtype_name(self.device, self.dtype)
+
+        points = [(kept, text)]  # (tokens, text) of each prefix whose features are kept
+        if self.prefix_every is not None:
+            points = []
+            for t in prefix_points(self._tok, s.ids[:kept], self.prefix_every)[:-1]:
+                pre = self._tok.decode(s.ids[:t], skip_special_tokens=True)
+                if text.startswith(pre) and (not points or len(pre) > len(points[-1][1])) and len(pre) < len(text):
+                    points.append((t, pre))  # a cut inside a multi-byte character is skipped
+            points.append((kept, text))
+            res["prefix_chars"] = [len(p) for _, p in points]
+        feats = {}
+        for (layer_arg, pooling), layer in zip(self.capture, self._cap_layers):
+            li = self._layers.index(layer)
+            for t, pre in points:
+                key = make_key(hf_identity(self.model, layer, pooling, dtype), [prompt, pre])
+                feats[key] = self._pooled(s, li, t, pooling)
+        res["_features"] = feats
         return s.job, res
-
-
-
-def _select(slots, keep, cache, mask, pos):
-    """Keep rows `keep` of the batch; drop left columns that are padding for all of them."""
-    import torch
-
-    if len(keep) == len(slots):
-        return slots, cache, mask, pos
-    slots = [slots[r] for r in keep]
-    if not slots:
-        return slots, None, None, None
-    idx = torch.tensor(keep, device=mask.device)
-    cache.batch_select_indices(idx)
-    mask, pos = mask[idx], pos[idx]
-    lead = int((mask.cumsum(1) == 0).sum(1).min())
-    if lead:
-        mask = mask[:, lead:]
-        for L in cache.layers:
-            L.keys, L.values = L.keys[:, :, lead:], L.values[:, :, lead:]
-    return slots, cache, mask, pos
 
 
 def _token_logprobs(logits, ids) -> list[float]:
