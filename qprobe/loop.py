@@ -67,8 +67,11 @@ def ridge_bonus(X_labelled, X_candidates, alpha: float, scale=None) -> np.ndarra
     return np.sqrt(np.einsum("ij,ij->j", V, V))
 
 
-def fit_scores(X, y, groups, labelled, objective, probe_params, seed, ensemble=0):
+def fit_scores(X, y, groups, labelled, objective, probe_params, seed, ensemble=0, candidates=None):
     """(q, bonus) for every row from probes fit on the labelled rows.
+
+    ``candidates`` (bool mask): rows that need a bonus (default all; others get 0). No bonus
+    is computed when ``ensemble`` is 0 (the probe is only evaluated).
 
     ``bonus`` is the ridge bonus for linear ``mse``, else the standard deviation over
     ``ensemble`` probes fit on bootstrap resamples of the labelled prompts (None if ensemble
@@ -90,9 +93,12 @@ def fit_scores(X, y, groups, labelled, objective, probe_params, seed, ensemble=0
     lab = np.flatnonzero(labelled)
     q, probe = fit(lab, seed)
     bonus = None
-    if objective == "mse" and probe_params.get("hidden") is None:
+    if objective == "mse" and probe_params.get("hidden") is None and ensemble:
         scale = probe.scale_ if probe is not None else None
-        bonus = ridge_bonus(X[lab], X, float(probe_params.get("alpha", 1.0)), scale) if lab.size else None
+        if lab.size:
+            cand = np.ones(len(y), bool) if candidates is None else np.asarray(candidates, bool)
+            bonus = np.zeros(len(y))
+            bonus[cand] = ridge_bonus(X[lab], X[cand], float(probe_params.get("alpha", 1.0)), scale)
     elif ensemble:
         rng = np.random.default_rng([seed, 7])
         prompts = np.unique(groups[lab])
@@ -194,7 +200,7 @@ def run_loop(X, groups, pool, evaluate: Callable, oracle: Callable, state_path, 
         q = bonus = None
         if labelled.any():
             q, bonus = fit_scores(X, y, groups, labelled, objective, probe_params, int(seed),
-                                  ensemble if rule == "optimism" else 0)
+                                  ensemble if rule == "optimism" else 0, candidates=pool & ~labelled)
         pick = choose(rule, q, bonus, pool & ~labelled, budget, rng, c)
         if pick.size == 0:
             break
