@@ -103,7 +103,7 @@ def diff_ci(a, b, n=2000, seed=0):
     return float(lo), float(hi)
 
 
-def run_variant(obj, X, y, g, te, tr, seeds, transform="none", demos=None):
+def run_variant(obj, X, y, g, te, tr, seeds, transform="none", demos=None, grid=None):
     """Tune on train (CV), fit, report test pass@1 per seed; returns runs and seed 0's per-prompt rewards."""
     from qprobe.select import best_of_n_curve, bon_reward_at_kl
     from qprobe.transforms import transform_rewards
@@ -123,7 +123,7 @@ def run_variant(obj, X, y, g, te, tr, seeds, transform="none", demos=None):
     n_, bon, bon_kl = best_of_n_curve(y[te], g[te])
     runs = []
     for seed in range(seeds):
-        t = tune(Xtr, ytr, gtr, obj, random_state=seed, k=k, fit_y=fy,
+        t = tune(Xtr, ytr, gtr, obj, random_state=seed, k=k, fit_y=fy, grid=grid,
                  demos=None if demos is None else (Xd, fyd, gd))
         Xf, yf, gf, sw = Xtr, fy, gtr, None
         if t.demo_weight:
@@ -199,8 +199,22 @@ def main():
     ap.add_argument("--demos-only", action="store_true", help="only compute (and cache) the demonstration features")
     ap.add_argument("--out", default=None, help="results JSON, updated part by part "
                     "[default: experiments/results/sibling_methods_MODEL.json]")
+    ap.add_argument("--objectives", default=",".join(OBJECTIVES))
+    ap.add_argument("--pg-epochs", type=int, default=None,
+                    help="fix pg's epochs instead of cross-validating them (beta is still chosen by CV): "
+                         "533, mbpp_table.py's CV choice on all of train, saves 3/4 of pg's fits on 2 cores")
+    ap.add_argument("--table-only", nargs="*", default=None, metavar="JSON",
+                    help="merge these results files (later ones win per objective) and print the table")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.table_only is not None:
+        res = merge([json.loads(Path(f).read_text()) for f in args.table_only])
+        print_table(res)
+        if args.json:
+            print(json.dumps(res))
+        return
+    objectives = args.objectives.split(",")
+    grids = {"pg": [{"epochs": args.pg_epochs}]} if args.pg_epochs else {}
     t0 = time.time()
     rows, feats = load(skip_unscored=True, model=args.model)
     samp = np.array([not is_greedy(r) for r in rows])
@@ -226,12 +240,14 @@ def main():
                    np.zeros(te.sum()), y[te], g[te], 0)["oracle_reward"]))
     parts = set(args.parts.split(","))
     res["command"] = "python experiments/sibling_methods.py " + " ".join(sys.argv[1:])
+    if args.pg_epochs and "pg" in objectives:
+        res["pg_epochs_fixed"] = args.pg_epochs
     if args.no_demos:
         parts.discard("demos")
     base_runs = {}
     need_base = parts & {"baseline", "demos", "transforms"}
-    for obj in OBJECTIVES if need_base else []:
-        base_runs[obj] = run_variant(obj, X, y, g, te, tr, args.seeds)
+    for obj in objectives if need_base else []:
+        base_runs[obj] = run_variant(obj, X, y, g, te, tr, args.seeds, grid=grids.get(obj))
         res.setdefault("baseline", {})[obj] = summarise(base_runs[obj])
         print(f"baseline {obj}: {res['baseline'][obj]['pass1']}", file=sys.stderr, flush=True)
         write(out_path, res)
@@ -243,16 +259,16 @@ def main():
             label.setdefault(r["prompt_id"], gg)
         gd = np.array([label[pid] for pid in d])
         res["n_demos"] = len(d)
-        for obj in OBJECTIVES:
-            runs = run_variant(obj, X, y, g, te, tr, args.seeds, demos=(Xd, gd))
+        for obj in objectives:
+            runs = run_variant(obj, X, y, g, te, tr, args.seeds, demos=(Xd, gd), grid=grids.get(obj))
             res.setdefault("demos", {})[obj] = summarise(runs, base_runs[obj])
             print(f"demos {obj}: {res['demos'][obj]['pass1']} weights {res['demos'][obj]['demo_weights']}",
                   file=sys.stderr, flush=True)
         write(out_path, res)
     if "transforms" in parts:
         for tf in TRANSFORMS:
-            for obj in OBJECTIVES:
-                runs = run_variant(obj, X, y, g, te, tr, args.seeds, transform=tf)
+            for obj in objectives:
+                runs = run_variant(obj, X, y, g, te, tr, args.seeds, transform=tf, grid=grids.get(obj))
                 res.setdefault("transforms", {}).setdefault(tf, {})[obj] = summarise(runs, base_runs[obj])
                 print(f"{tf} {obj}: {res['transforms'][tf][obj]['pass1']}", file=sys.stderr, flush=True)
         write(out_path, res)
@@ -263,6 +279,24 @@ def main():
     print_table(res)
     if args.json:
         print(json.dumps(res))
+
+
+def merge(results):
+    """One results dict from several runs (e.g. mse/ce in one process, pg or the loop in another)."""
+    out = {}
+    for r in results:
+        for key, v in r.items():
+            if key in ("baseline", "demos"):
+                out.setdefault(key, {}).update(v)
+            elif key == "transforms":
+                for tf, per in v.items():
+                    out.setdefault(key, {}).setdefault(tf, {}).update(per)
+            elif key in ("seeds", "command"):
+                out.setdefault(key + "s_by_run", []).append(v)
+                out[key] = v
+            else:
+                out[key] = v
+    return out
 
 
 def write(path, res):
@@ -276,10 +310,11 @@ def fmt(s):
 
 def print_table(res):
     """The README table (markdown) on stdout."""
-    objs = OBJECTIVES
+    objs = [o for o in OBJECTIVES if o in res.get("baseline", {})] or OBJECTIVES
     print(f"\nMBPP test pass@1, {res['model']} ({res['features']}), {res['n_test_prompts']} prompts, k = {res['k']}; "
           f"probes trained on {res['n_train_prompts']} prompts ({res['train_positives']} passing rows); "
-          f"base {res['base_pass1']:.3f}, best-of-8 {res['oracle_pass8']:.3f}; mean ± std over {res['seeds']} seeds\n")
+          f"base {res['base_pass1']:.3f}, best-of-8 {res['oracle_pass8']:.3f}; mean ± std over seeds "
+          f"({res.get('seedss_by_run', [res.get('seeds')])} by run)\n")
     print("| idea | variant | " + " | ".join(objs) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in objs) + " |")
     b = res.get("baseline", {})
