@@ -324,15 +324,18 @@ def print_table(res):
             f"{b[o]['kl'][0]:.2f} / {b[o]['ess'][0]:.2f} / {b[o]['bok_at_kl'][0]:.3f}" for o in objs) + " |")
 
     def cell(s):
+        if s is None:
+            return "not finished"
         lo, hi = s.get("diff_ci95", (float("nan"), float("nan")))
         return f"{fmt(s)} (Δ [{lo:+.3f}, {hi:+.3f}])"
 
     if "demos" in res:
-        ws = {o: sorted({w for w in res["demos"][o]["demo_weights"]}) for o in objs}
-        print(f"| 1. demonstrations | + {res.get('n_demos')} reference solutions, weight by CV "
-              f"({'; '.join(f'{o}: {ws[o]}' for o in objs)}) | " + " | ".join(cell(res["demos"][o]) for o in objs) + " |")
+        d = res["demos"]
+        ws = {o: sorted({w for w in d[o]["demo_weights"]}) for o in objs if o in d}
+        print(f"| 1. demonstrations | + {res.get('n_demos')} reference solutions, weight by CV from 0, 1, 3, 10 "
+              f"(chosen: {'; '.join(f'{o} {ws[o]}' for o in ws)}) | " + " | ".join(cell(d.get(o)) for o in objs) + " |")
     for tf, per in res.get("transforms", {}).items():
-        print(f"| 2. reward transform | {tf} | " + " | ".join(cell(per[o]) for o in objs) + " |")
+        print(f"| 2. reward transform | {tf} | " + " | ".join(cell(per.get(o)) for o in objs) + " |")
     lp = res.get("loop")
     if lp:
         t = lp["targets"]
@@ -349,7 +352,8 @@ def print_table(res):
         print(f"\nloop: ridge probe (alpha {lp['alpha']:g}), argmax on test, {lp['budget']} labels a round up to "
               f"{lp['budget'] * LOOP_ROUNDS}; targets are 90% / 100% of the way from base ({lp['base']:.3f}) to the probe "
               f"on all {lp['full_labels']} labels ({lp['full_pass1']:.3f}); median over seeds.")
-    print("Δ: 95% paired bootstrap interval over test prompts of the change against the baseline (seed 0).")
+    print("Δ: 95% paired bootstrap interval over test prompts of the change against the baseline (seed 0). "
+          "Best-of-n at the probe's KL is capped at best-of-8 when the probe's KL exceeds log 8 - 7/8 = 1.20.")
 
 
 if __name__ == "__main__":

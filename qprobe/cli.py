@@ -336,7 +336,8 @@ def format_report(rep: dict) -> str:
 @click.option("--rule", type=click.Choice(["optimism", "greedy", "uniform"]), default="optimism", show_default=True,
               help="optimism: Q + C * uncertainty (ridge bonus sqrt(x^T A^-1 x) for mse, bootstrap spread "
                    "otherwise); greedy: highest Q; uniform: at random. Round 0 is uniform for all.")
-@click.option("--explore", "c", type=click.FloatRange(0), default=1.0, show_default=True, help="optimism: C.")
+@click.option("--explore", "c", type=click.FloatRange(0), default=0.1, show_default=True,
+              help="optimism: C (on MBPP, C = 1 mostly explored and found 6x fewer passes than 0.1).")
 @click.option("--objective", type=click.Choice(["mse", "ce", "pg"]), default="mse", show_default=True)
 @click.option("--alpha", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
               help="mse / ce: L2 penalty (also the ridge bonus's).")

@@ -144,7 +144,7 @@ def argmax_pass1(q, rewards, groups) -> float:
 
 
 def run_loop(X, groups, pool, evaluate: Callable, oracle: Callable, state_path, rounds: int, budget: int,
-             rule: str = "optimism", objective: str = "mse", probe_params=None, seed: int = 0, c: float = 1.0,
+             rule: str = "optimism", objective: str = "mse", probe_params=None, seed: int = 0, c: float = 0.1,
              ensemble: int = 5, config: dict | None = None, on_round: Callable | None = None) -> list[dict]:
     """Run (or resume) the loop; return one record per round.
 
