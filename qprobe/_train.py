@@ -43,20 +43,48 @@ def _moments(X, standardize):
     return mean, scale
 
 
-def _fit_ridge(X, y, mean, scale, alpha):
+def _fit_ridge(X, y, mean, scale, alpha, sample_weight=None):
     """Ridge on standardised, centred features via the Gram matrix, streamed in row blocks.
 
     The Gram matrix is built with BLAS ``syrk`` (one triangle, half the flops
-    of a product) in X's dtype per block and summed in float64.
+    of a product) in X's dtype per block and summed in float64. With
+    ``sample_weight`` it minimises ``sum_i w_i (y_i - q_i)^2 + alpha |w|^2``:
+    rows are centred on the weighted means and scaled by sqrt(w_i).
     Returns (w, b) in standardised space: q = ((X - mean) / scale) @ w + b.
+    """
+    G, rhs, mu, ybar = _gram(X, y, scale, sample_weight)
+    inv = 1.0 / scale
+    G[np.diag_indices_from(G)] += alpha
+    try:
+        w = np.linalg.solve(G, rhs)
+    except np.linalg.LinAlgError:
+        w = np.linalg.lstsq(G, rhs, rcond=None)[0]
+    return w, float(ybar - ((mu - mean) * inv) @ w)
+
+
+def _gram(X, y, scale, sample_weight=None):
+    """(G, rhs, mu, ybar): ``G = Z^T W Z`` and ``rhs = Z^T W (y - ybar)`` with ``Z = (X - mu) / scale``.
+
+    ``mu`` and ``ybar`` are the (weighted) means of X and y; ``y`` may be None (rhs is then 0).
+    ``G + alpha I`` is the ridge's matrix A, whose inverse also gives the optimism bonus
+    ``sqrt(z^T A^-1 z)`` of :mod:`qprobe.loop`.
     """
     from scipy.linalg.blas import dsyrk, ssyrk
 
     syrk = ssyrk if X.dtype == np.float32 else dsyrk
     n, d = X.shape
-    mu = X.mean(axis=0, dtype=np.float64)  # centring for the intercept (== mean when standardising)
+    sw = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if sw is None:
+        mu = X.mean(axis=0, dtype=np.float64)  # centring for the intercept (== mean when standardising)
+    else:
+        mu = np.zeros(d)
+        for s in range(0, n, 1 << 14):
+            mu += sw[s : s + (1 << 14)] @ X[s : s + (1 << 14)].astype(np.float64)
+        mu /= sw.sum()
+    y = np.zeros(n) if y is None else y
+    ybar = y.mean() if sw is None else float(sw @ y / sw.sum())
     inv = 1.0 / scale
-    yc = y - y.mean()
+    yc = y - ybar
     G = np.zeros((d, d))
     rhs = np.zeros(d)
     sh, iv = (mu * inv).astype(X.dtype), inv.astype(X.dtype)
@@ -64,38 +92,41 @@ def _fit_ridge(X, y, mean, scale, alpha):
     for s in range(0, n, step):
         z = X[s : s + step] * iv
         z -= sh  # (x - mu) / scale, C-ordered, so z.T is Fortran-ordered for BLAS: no copy
+        yb = yc[s : s + step]
+        if sw is not None:
+            r = np.sqrt(sw[s : s + step])
+            z *= r[:, None].astype(X.dtype)
+            yb = yb * r
         G += syrk(1.0, z.T, trans=0)  # upper triangle of z.T @ z
-        rhs += z.T @ yc[s : s + step].astype(X.dtype)
+        rhs += z.T @ yb.astype(X.dtype)
     G = np.triu(G) + np.triu(G, 1).T
-    G[np.diag_indices_from(G)] += alpha
-    try:
-        w = np.linalg.solve(G, rhs)
-    except np.linalg.LinAlgError:
-        w = np.linalg.lstsq(G, rhs, rcond=None)[0]
-    return w, float(y.mean() - ((mu - mean) * inv) @ w)
+    return G, rhs, mu, ybar
 
 
-def _fit_logistic(X, y, mean, scale, alpha, max_iter):
+def _fit_logistic(X, y, mean, scale, alpha, max_iter, sample_weight=None):
     """L2 logistic regression on standardised X by L-BFGS, without copying X.
 
     Minimises ``mean_i logloss_i + alpha / (2 n) |w|^2`` (sklearn's objective
-    with ``C = 1/alpha``, divided by n). Returns (w, b) in standardised space.
+    with ``C = 1/alpha``, divided by n); with ``sample_weight``, row i's log loss
+    is multiplied by w_i (sklearn's ``sample_weight``). y may be soft targets in
+    [0, 1]. Returns (w, b) in standardised space.
     """
     from scipy.optimize import minimize
     from scipy.special import expit
 
     n, d = X.shape
+    sw = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
 
     def f(theta):
         w, b = theta[:d], theta[d]
         v = w / scale
         z = (X @ v.astype(X.dtype)).astype(np.float64) + (b - mean @ v)
-        loss = np.logaddexp(0.0, z) - y * z
-        g = (expit(z) - y) / n
+        loss = sw * (np.logaddexp(0.0, z) - y * z)
+        g = sw * (expit(z) - y) / n
         gw = (X.T @ g.astype(X.dtype) - mean * g.sum()) / scale + (alpha / n) * w
         return loss.mean() + 0.5 * alpha / n * (w @ w), np.append(gw, g.sum())
 
-    p = y.mean()
+    p = float(sw @ y / sw.sum())
     theta0 = np.zeros(d + 1)
     theta0[d] = np.log(p / (1 - p)) if 0 < p < 1 else 0.0
     tol = 1e-10 if X.dtype == np.float64 else 1e-7
@@ -132,8 +163,11 @@ def _epoch_segments(obj, gi, n_rows, k, rs):
     return rows, sizes[sizes > 0]
 
 
-def _fit_torch(probe, X, y, gi, rs):
-    """AdamW on the objective's loss for a linear or MLP head; returns (params, loss_curve)."""
+def _fit_torch(probe, X, y, gi, rs, sample_weight=None):
+    """AdamW on the objective's loss for a linear or MLP head; returns (params, loss_curve).
+
+    ``sample_weight``: pg multiplies each row's reward inside its chunk; mse / ce take a weighted mean.
+    """
     import torch
 
     from qprobe import objectives
@@ -149,10 +183,11 @@ def _fit_torch(probe, X, y, gi, rs):
     tens = lambda a: torch.as_tensor(np.asarray(a), dtype=dt).to(dev)  # noqa: E731
     mean, inv_scale = tens(probe.mean_), tens(1.0 / probe.scale_)
     b0 = 0.0
+    sw_np = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
     if obj == "mse":
-        b0 = y.mean()
+        b0 = float(sw_np @ y / sw_np.sum())
     elif obj == "ce":
-        p = min(max(y.mean(), 1e-6), 1 - 1e-6)
+        p = min(max(float(sw_np @ y / sw_np.sum()), 1e-6), 1 - 1e-6)
         b0 = np.log(p / (1 - p))
     if h is None:
         weights = {"w": torch.zeros(d, dtype=dt)}
@@ -171,6 +206,7 @@ def _fit_torch(probe, X, y, gi, rs):
     )
     seg_rows = {"pg": int(probe.k), "pref": 2}.get(obj, 1)
     y_all = torch.as_tensor(y, dtype=dt).to(dev)
+    w_all = None if sample_weight is None else torch.as_tensor(sw_np, dtype=dt).to(dev)
     X_dev = None  # X on the accelerator when it fits comfortably: batches are then gathered there
     if dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] > 3 * X.shape[0] * X.shape[1] * (8 if dt == torch.float64 else 4):
         with warnings.catch_warnings():  # read-only (memory-mapped) X: only read, never written
@@ -194,6 +230,7 @@ def _fit_torch(probe, X, y, gi, rs):
             else:
                 xb = torch.from_numpy(X[idx]).to(dev, dt)  # the one copy: this batch's rows
             yb = y_all[idx_t]
+            wb = None if w_all is None else w_all[idx_t]
             seg = torch.from_numpy(np.repeat(np.arange(b - a), sizes[a:b])).to(dev)
             # standardisation folded into the first layer: ((x - mean) * inv) @ w == x @ (w * inv) - mean @ (w * inv)
             if h is None:
@@ -203,11 +240,11 @@ def _fit_torch(probe, X, y, gi, rs):
                 W = params["W1"] * inv_scale
                 q = torch.relu(xb @ W.T + (params["b1"] - W @ mean)) @ params["w2"] + params["b2"]
             if obj == "pg":
-                loss = objectives.pg_loss(q, yb, seg, beta=float(probe.beta_train))
+                loss = objectives.pg_loss(q, yb if wb is None else yb * wb, seg, beta=float(probe.beta_train))
             elif obj == "pref":
                 loss = objectives.pref_loss(q, seg, yb)
             else:
-                loss = getattr(objectives, obj)(q, yb)
+                loss = getattr(objectives, obj)(q, yb, wb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

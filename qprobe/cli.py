@@ -346,25 +346,49 @@ where_option = click.option("--where", multiple=True, metavar="FIELD=V1,V2",
               help="A value probe for `sample --guide`: FEATURES come from `embed --prefix`, each prefix labelled "
                    "with its completion's reward; the probe file records it.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--demos", default=None, metavar="FIELD_OR_FILE",
+              help="Demonstrations (e.g. reference solutions): a field of the rows, or a JSONL file of prompt_id, "
+                   "completion. Each is embedded as a completion of its prompt with the features' extractor and "
+                   "trained on as a reward-1 row of that prompt (pg: it joins the prompt's group).")
+@click.option("--demo-weight", type=click.FloatRange(0), default=None,
+              help="Loss weight of each demonstration [default: chosen by cross-validation from 0, 1, 3, 10 "
+                   "with --tune (0 leaves them out), else 1].")
+@click.option("--demo-template", default="{demo}", show_default=True,
+              help="How a demonstration is written as a completion, e.g. '```python\n{demo}\n' when the model's "
+                   "answers open a code block.")
+@click.option("--reward-transform", default="none", show_default=True, metavar="none|calibrated|calibrated-exp:T",
+              help="Train on transformed rewards (InfAlign; mse, ce, pg). calibrated: C = the reward's mid-rank among "
+                   "the other samples of its prompt, P[r(z) < r(y)] + P[r(z) = r(y)] / 2, in [0, 1]. "
+                   "calibrated-exp:T: (exp(T C) - 1) / (exp(T) - 1), InfAlign's exponential transform for "
+                   "best-of-N, rescaled to [0, 1]. Beta is still chosen on the raw reward.")
+@cache_options
 @where_option
 @features_unchecked_option
 @user_errors
-def train(rows, features, output, objective, beta, chunk_k, epochs, lr, alpha, hidden, tune_folds, prefix, seed, where,
-          features_unchecked):
+def train(rows, features, output, objective, beta, chunk_k, epochs, lr, alpha, hidden, tune_folds, prefix, seed, demos,
+          demo_weight, demo_template, reward_transform, cache_dir, no_cache, where, features_unchecked):
     """Fit a Q-probe on rewarded rows and their features."""
     from qprobe.pipeline import train_file
 
     if tune_folds and (alpha is not None or epochs is not None):
         raise QProbeError("--tune chooses --alpha / --epochs itself: give --tune or them, not both")
+    if demo_weight is not None and not demos:
+        raise QProbeError("--demo-weight needs --demos")
     params = dict(objective=objective, beta=beta, random_state=seed, hidden=hidden)
     params.update({k: v for k, v in dict(k=chunk_k, epochs=epochs, lr=lr, alpha=alpha).items() if v is not None})
-    _, n, tuned = train_file(rows, features, output, where=where, tune_folds=tune_folds,
-                             features_unchecked=features_unchecked, prefix=prefix, **params)
+    _, n, tuned, info = train_file(rows, features, output, where=where, tune_folds=tune_folds,
+                                   features_unchecked=features_unchecked, prefix=prefix, demos=demos,
+                                   demo_weight=demo_weight, demo_template=demo_template,
+                                   reward_transform=reward_transform,
+                                   cache=make_cache(cache_dir, no_cache) if demos else None, **params)
     if tuned:
         chosen = ", ".join(f"{k} {v:g}" for k, v in tuned.params.items())
+        if info["n_demos"]:
+            chosen += f", demo weight {info['demo_weight']:g}"
         click.echo(f"cross-validation chose {chosen}, beta {tuned.beta:g} "
                    f"(held-out expected reward {tuned.cv_reward:.3f})", err=True)
-    click.echo(f"trained a {objective} {'prefix value ' if prefix else ''}probe on {n} rows; saved to {output}",
+    extra = f" + {info['n_demos']} demonstrations (weight {info['demo_weight']:g})" if info["n_demos"] else ""
+    click.echo(f"trained a {objective} {'prefix value ' if prefix else ''}probe on {n} rows{extra}; saved to {output}",
                err=True)
 
 
@@ -414,7 +438,68 @@ def format_report(rep: dict) -> str:
         f"{'probe, argmax':<28}{rep['argmax_reward']:>8.3f}{rep['argmax_kl']:>11.3f}",
         f"{'best-of-k oracle':<28}{rep['oracle_reward']:>8.3f}{rep['bon_kl_bound']:>11.3f}",
     ]
+    if "bok_reward_at_probe_kl" in rep:
+        cap = " (capped: the probe's KL is beyond best-of-k's)" if rep.get("bok_kl_capped") else ""
+        lines.append(f"KL view: probe ESS {rep['ess']:.2f} of {rep['k']}; best-of-n at the probe's KL "
+                     f"{rep['kl']:.3f} reaches reward {rep['bok_reward_at_probe_kl']:.3f}{cap}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- loop
+@cli.command(context_settings=CONTEXT)
+@click.argument("rows", type=click.Path(dir_okay=False))
+@click.argument("features", type=click.Path(dir_okay=False))
+@click.option("--state", "state_path", required=True, type=click.Path(dir_okay=False),
+              help="JSON state file: each round is committed here before the next begins; rerun to resume.")
+@click.option("--rounds", type=click.IntRange(1), required=True)
+@click.option("--label-budget", "budget", type=click.IntRange(1), required=True, help="Rewards asked for per round.")
+@click.option("--rule", type=click.Choice(["optimism", "greedy", "uniform"]), default="optimism", show_default=True,
+              help="optimism: Q + C * uncertainty (ridge bonus sqrt(x^T A^-1 x) for mse, bootstrap spread "
+                   "otherwise); greedy: highest Q; uniform: at random. Round 0 is uniform for all.")
+@click.option("--explore", "c", type=click.FloatRange(0), default=0.1, show_default=True,
+              help="optimism: C (on MBPP, C = 1 mostly explored and found 6x fewer passes than 0.1).")
+@click.option("--objective", type=click.Choice(["mse", "ce", "pg"]), default="mse", show_default=True)
+@click.option("--alpha", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="mse / ce: L2 penalty (also the ridge bonus's).")
+@click.option("--ensemble", type=click.IntRange(2), default=5, show_default=True,
+              help="optimism with ce / pg: bootstrap probes.")
+@click.option("--pool", multiple=True, metavar="FIELD=V1,V2", help="Rows whose reward may be asked for [default: all "
+              "rows outside --held-out].")
+@click.option("--held-out", multiple=True, metavar="FIELD=V1,V2",
+              help="Rows to report pass@1 on (argmax, ties split); they need a stored reward.")
+@click.option("--kind", default="stored", show_default=True,
+              help="The reward asked for: stored (the rows' `reward` field, a simulated labeller) or any "
+                   "`qprobe reward --kind`.")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=3.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the rounds as one JSON list.")
+@user_errors
+def loop(rows, features, state_path, rounds, budget, rule, c, objective, alpha, ensemble, pool, held_out, kind,
+         timeout, seed, as_json):
+    """Label-budgeted online loop: each round ask B rewards chosen by an exploration rule, retrain, report.
+
+    ROWS are k sampled completions per prompt (from `qprobe sample`) with FEATURES; labels are
+    revealed round by round from this pool. Prints held-out pass@1 against labels spent.
+    """
+    from qprobe.pipeline import loop_file
+
+    if not pool and not held_out:
+        raise QProbeError("give --held-out (and optionally --pool), e.g. --pool split=train --held-out split=test")
+
+    def show(rec):
+        if not as_json:
+            click.echo(f"round {rec['round']}: labels {rec['labels']} ({rec['positives']} positive), "
+                       f"held-out pass@1 {rec['pass1']:.3f}", err=True)
+
+    recs = loop_file(rows, features, state_path, rounds, budget, rule=rule, objective=objective, pool=pool,
+                     held_out=held_out, kind=kind, timeout=timeout, seed=seed, c=c, ensemble=ensemble,
+                     probe_params={"alpha": alpha} if objective in ("mse", "ce") else {}, on_round=show)
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in r.items() if k not in ("rows", "rewards")} for r in recs]))
+    else:
+        click.echo(f"{'round':>5}{'labels':>8}{'pass@1':>8}")
+        for r in recs:
+            click.echo(f"{r['round']:>5}{r['labels']:>8}{r['pass1']:>8.3f}")
 
 
 # --------------------------------------------------------------------------- demo

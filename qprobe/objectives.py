@@ -18,14 +18,19 @@ import torch
 import torch.nn.functional as F
 
 
-def mse(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Mean squared error ``mean((q - r)^2)``; q, r of shape (n_rows,)."""
-    return torch.mean((q - r) ** 2)
+def mse(q: torch.Tensor, r: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error ``mean((q - r)^2)``; q, r of shape (n_rows,); with ``weight``, the weighted mean."""
+    if weight is None:
+        return torch.mean((q - r) ** 2)
+    return torch.sum(weight * (q - r) ** 2) / weight.sum()
 
 
-def ce(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy with logits ``q`` and targets ``r`` in [0, 1], mean over rows."""
-    return F.binary_cross_entropy_with_logits(q, r.to(q.dtype))
+def ce(q: torch.Tensor, r: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy with logits ``q`` and targets ``r`` in [0, 1], mean (weighted mean) over rows."""
+    if weight is None:
+        return F.binary_cross_entropy_with_logits(q, r.to(q.dtype))
+    per = F.binary_cross_entropy_with_logits(q, r.to(q.dtype), reduction="none")
+    return torch.sum(weight * per) / weight.sum()
 
 
 def segment_softmax(q: torch.Tensor, segment: torch.Tensor, n_segments: int | None = None) -> torch.Tensor:

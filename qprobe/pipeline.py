@@ -205,32 +205,68 @@ def load_rows_features(rows_path, features_path, need_reward=True, where=None, f
 
 
 def train_file(rows_path, features_path, out_dir, where=None, tune_folds=None, features_unchecked=False,
-               prefix=False, **probe_params):
+               prefix=False, demos=None, demo_weight=None, demo_template="{demo}", reward_transform="none", cache=None,
+               **probe_params):
     """Fit and save a probe; with ``tune_folds``, regularisation and beta come from cross-validation.
 
     With ``prefix``, a value probe: one training row per kept prefix (features from
     `embed --prefix`), labelled with its completion's final reward; the file records it.
+    ``demos``: a field of the rows or a JSONL file of demonstrations (:mod:`qprobe.demos`), embedded
+    with the features' own extractor and added with weight ``demo_weight`` (None: chosen by the
+    cross-validation among ``tune.DEMO_WEIGHTS`` when tuning, else 1). ``reward_transform``: the
+    training targets (:mod:`qprobe.transforms`); beta is still chosen on the raw reward.
 
-    Returns (probe, number of rows, TuneResult or None).
+    Returns (probe, number of rows, TuneResult or None, info dict: ``n_demos``, ``demo_weight``).
     """
     from qprobe.probe import QProbe
+    from qprobe.transforms import parse_transform, transform_rewards
 
     check_outputs([out_dir], [rows_path, features_path])
     rows, X, meta = load_rows_features(rows_path, features_path, where=where, features_unchecked=features_unchecked,
                                        prefix=prefix)
+    parse_transform(reward_transform)
+    objective = probe_params.get("objective", "pg")
+    if objective == "pref" and (demos or reward_transform != "none"):
+        raise QProbeError("--demos and --reward-transform work with objectives mse, ce and pg, not pref")
     y = np.array([r["reward"] for r in rows])
     groups = group_ids(rows)
+    info = {"n_demos": 0, "demo_weight": None}
+    Xd = gd = None
+    if demos:
+        from qprobe.demos import DEMO_REWARD, demo_items, embedder_from_identity
+
+        items = demo_items(rows, demos, demo_template, rows_path)
+        label = {json.dumps(r["prompt_id"]): g for r, g in zip(rows, groups)}  # prompt -> group label
+        gd = np.array([label[json.dumps(pid)] for pid, _, _ in items])
+        emb = embedder_from_identity(meta.get("extractor"))
+        Xd = emb.embed([(p, c) for _, p, c in items], cache=cache, desc="demonstrations").astype(X.dtype)
+        info["n_demos"] = len(items)
+    ref = np.r_[np.ones(len(y), bool), np.zeros(0 if gd is None else len(gd), bool)]
+    y_all = np.r_[y, np.full(len(ref) - len(y), DEMO_REWARD if demos else 0.0)]
+    g_all = groups if gd is None else np.r_[groups, gd]
+    fit_all = transform_rewards(reward_transform, y_all, g_all, ref)
+    fy, fyd = fit_all[: len(y)], fit_all[len(y):]
     tuned = None
+    w = demo_weight
     if tune_folds:
-        from qprobe.tune import tune
+        from qprobe.tune import DEMO_WEIGHTS, tune
 
         fixed = {k: v for k, v in probe_params.items() if k not in ("objective", "beta", "random_state")}
-        tuned = tune(X, y, groups, probe_params.get("objective", "pg"), folds=tune_folds,
-                     random_state=probe_params.get("random_state") or 0, progress=True, **fixed)
+        tuned = tune(X, y, groups, objective, folds=tune_folds, random_state=probe_params.get("random_state") or 0,
+                     progress=True, fit_y=fy, demos=None if gd is None else (Xd, fyd, gd),
+                     demo_weights=DEMO_WEIGHTS if w is None else (w,), **fixed)
         probe_params = {**probe_params, **tuned.params, "beta": tuned.beta}
-    probe = QProbe(**probe_params).fit(X, y, groups=groups)
+        w = tuned.demo_weight
+    elif gd is not None and w is None:
+        w = 1.0
+    sw = None
+    if gd is not None and w:
+        X, fy, groups = np.concatenate([X, Xd]), np.r_[fy, fyd], np.r_[groups, gd]
+        sw = np.r_[np.ones(len(y)), np.full(len(gd), float(w))]
+    info["demo_weight"] = w
+    probe = QProbe(**probe_params).fit(X, fy, groups=groups, sample_weight=sw)
     probe.save(out_dir, embedder=meta.get("extractor"), prefix=prefix)
-    return probe, len(rows), tuned
+    return probe, len(rows), tuned, info
 
 
 def _load_probe_for(probe_dir, X, meta, features_path):
@@ -262,8 +298,13 @@ def rerank_file(rows_path, features_path, probe_dir, dst, beta=None, seed=None, 
 
 
 def eval_file(rows_path, features_path, probe_dir, k=None, beta=None, where=None, features_unchecked=False) -> dict:
-    """The selection report on held-out rows: base, probe (at beta and argmax), oracle, KL."""
-    from qprobe.select import selection_report
+    """The selection report on held-out rows: base, probe (at beta and argmax), oracle, KL, ESS.
+
+    ``bok_reward_at_probe_kl``: the reward best-of-n reaches at the probe's KL, interpolated on
+    the curve of best-of-n (n = 1 .. k, from the same samples) against its KL bound; when the
+    probe's KL is beyond best-of-k's, it is best-of-k's reward (``bok_kl_capped`` is then true).
+    """
+    from qprobe.select import best_of_n_curve, bon_reward_at_kl, selection_report
 
     rows, X, meta = load_rows_features(rows_path, features_path, where=where, features_unchecked=features_unchecked)
     if k is not None:
@@ -274,7 +315,57 @@ def eval_file(rows_path, features_path, probe_dir, k=None, beta=None, where=None
     q = probe.predict(X)
     y = np.array([r["reward"] for r in rows])
     g = group_ids(rows)
-    rep = selection_report(q, y, g, beta=b)  # every key of the selection report, plus the KL of the argmax
-    rep["argmax_kl"] = selection_report(q, y, g, beta=0.0)["kl"]
+    rep = selection_report(q, y, g, beta=b)  # every key of the selection report, plus:
+    rep0 = selection_report(q, y, g, beta=0.0)
+    n, bon, bon_kl = best_of_n_curve(y, g)
+    rep.update(beta=float(b), argmax_reward=float(rep0["probe_reward"]), argmax_kl=float(rep0["kl"]),
+               bok_reward_at_probe_kl=bon_reward_at_kl(rep["kl"], n, bon, bon_kl),
+               bok_kl_capped=bool(rep["kl"] > bon_kl[-1]))
     # plain floats for JSON; NaN (gap_closed when no prompt has a better sample) becomes null
     return {key: None if isinstance(v, float) and v != v else v for key, v in rep.items()}
+
+
+def loop_file(rows_path, features_path, state_path, rounds, budget, rule="optimism", objective="mse", pool=None,
+              held_out=None, kind="stored", timeout=3.0, seed=0, c=1.0, ensemble=5, probe_params=None,
+              on_round=None) -> list[dict]:
+    """The label-budgeted loop (:func:`qprobe.loop.run_loop`) over a rows file and its features.
+
+    ``pool`` / ``held_out``: ``--where``-style filters for the rows whose reward may be asked for
+    and the rows pass@1 is reported on (these need a stored ``reward``; they are never asked for).
+    ``kind``: ``stored`` reads the asked rows' ``reward`` field (a simulated labeller); any
+    ``qprobe reward`` kind computes it.
+    """
+    from qprobe.loop import argmax_pass1, run_loop
+
+    rows = read_completions(rows_path)
+    X, meta = load_features(features_path, rows)
+    pool_mask = np.zeros(len(rows), bool)
+    pool_mask[select_rows(rows, pool, rows_path)] = True
+    ev = select_rows(rows, held_out, rows_path) if held_out else np.flatnonzero(~pool_mask)
+    ev = ev[~pool_mask[ev]]
+    if ev.size == 0:
+        raise QProbeError("no held-out rows: give --held-out FIELD=V rows outside the --pool")
+    for i in ev:
+        if "reward" not in rows[i]:
+            raise QProbeError(f"{rows_path}: row {i + 1}: held-out rows need a 'reward' (run `qprobe reward` on them)")
+    y_ev = np.array([finite_or_error(rows[i]["reward"], f"{rows_path}: row {i + 1}") for i in ev])
+    groups = group_ids(rows)
+
+    def oracle(idx):
+        if kind == "stored":
+            missing = [int(i) + 1 for i in idx if "reward" not in rows[i]]
+            if missing:
+                raise QProbeError(f"{rows_path}: row {missing[0]}: no 'reward' for --kind stored")
+            return [finite_or_error(rows[i]["reward"], f"{rows_path}: row {i + 1}") for i in idx]
+        from qprobe.rewards import score_rows
+
+        return [r for r, _ in score_rows([rows[i] for i in idx], kind, timeout=timeout, progress=False)]
+
+    def evaluate(q):
+        return {"pass1": argmax_pass1(q[ev], y_ev, groups[ev])}
+
+    config = {"rows": str(rows_path), "n_pool": int(pool_mask.sum()), "n_held_out": int(ev.size), "kind": kind,
+              "extractor": meta.get("extractor")}
+    return run_loop(X, groups, pool_mask, evaluate, oracle, state_path, rounds, budget, rule=rule,
+                    objective=objective, probe_params=probe_params, seed=seed, c=c, ensemble=ensemble,
+                    config=config, on_round=on_round)

@@ -164,7 +164,7 @@ class QProbe(BaseEstimator):
         return tags
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X, y, groups=None):
+    def fit(self, X, y, groups=None, sample_weight=None):
         """Fit the probe.
 
         Parameters
@@ -172,10 +172,16 @@ class QProbe(BaseEstimator):
         X : array-like of shape (n_rows, n_features)
             Features, float32 or float64 (other dtypes become float64).
         y : array-like of shape (n_rows,)
-            Rewards. ``ce``: 0/1. ``pref``: 1 on the preferred row of each pair, else 0.
+            Rewards. ``ce``: 0/1 (or soft targets in [0, 1], e.g. calibrated rewards). ``pref``: 1 on the preferred row of each pair, else 0.
         groups : array-like of shape (n_rows,), optional
             Prompt label of each row; required for ``pg`` (every group >= 2 rows)
             and ``pref`` (every group exactly 2 rows).
+        sample_weight : array-like of shape (n_rows,), optional
+            Non-negative weight of each row's term in the loss (e.g. demonstrations,
+            see ``qprobe train --demos``): ridge and logistic weight each row's
+            squared error / log loss; ``pg`` multiplies the row's reward inside its
+            chunk (the softmax is unchanged); torch ``mse`` / ``ce`` take a weighted
+            mean. Not supported for ``pref``. Default: all 1.
 
         Returns
         -------
@@ -185,6 +191,7 @@ class QProbe(BaseEstimator):
         X, y = self._validate(X, y, reset=True)
         y = y.astype(np.float64, copy=False)
         gi = self._check_groups(groups, y)
+        sw = self._check_weight(sample_weight, y.shape[0])
         rs = check_random_state(self.random_state)
         self.mean_, self.scale_ = _moments(X, self.standardize)
         self.hidden_coef_ = self.hidden_intercept_ = None
@@ -192,12 +199,12 @@ class QProbe(BaseEstimator):
         self.embedder_ = getattr(self, "embedder_", None)
         self.prefix_ = getattr(self, "prefix_", False)
         if self.hidden is None and self.objective == "mse":
-            w, b = _fit_ridge(X, y, self.mean_, self.scale_, float(self.alpha))
+            w, b = _fit_ridge(X, y, self.mean_, self.scale_, float(self.alpha), sw)
             self.n_iter_ = 1
         elif self.hidden is None and self.objective == "ce":
-            w, b, self.n_iter_ = _fit_logistic(X, y, self.mean_, self.scale_, float(self.alpha), int(self.max_iter))
+            w, b, self.n_iter_ = _fit_logistic(X, y, self.mean_, self.scale_, float(self.alpha), int(self.max_iter), sw)
         else:
-            params, self.loss_curve_ = _fit_torch(self, X, y, gi, rs)
+            params, self.loss_curve_ = _fit_torch(self, X, y, gi, rs, sw)
             self.n_iter_ = len(self.loss_curve_)
             if self.hidden is None:
                 w, b = params["w"], float(params["b"])
@@ -237,6 +244,18 @@ class QProbe(BaseEstimator):
             if not good:
                 raise QProbeError(f"invalid {name}={value!r} for objective {self.objective!r}")
 
+    def _check_weight(self, sample_weight, n_rows):
+        if sample_weight is None:
+            return None
+        sw = np.asarray(sample_weight, dtype=np.float64).reshape(-1)
+        if sw.shape[0] != n_rows:
+            raise QProbeError(f"sample_weight has {sw.shape[0]} values but X has {n_rows} rows")
+        if not (np.isfinite(sw).all() and (sw >= 0).all() and sw.sum() > 0):
+            raise QProbeError("sample_weight must be finite, >= 0 and not all 0")
+        if self.objective == "pref":
+            raise QProbeError("sample_weight is not supported for objective 'pref'")
+        return sw
+
     def _validate(self, X, y="no_validation", reset=False):
         kw = dict(reset=reset, dtype=(np.float64, np.float32), ensure_min_samples=2 if reset else 1)
         try:
@@ -251,8 +270,8 @@ class QProbe(BaseEstimator):
 
     def _check_groups(self, groups, y):
         obj = self.objective
-        if obj == "ce" and not np.isin(y, (0.0, 1.0)).all():
-            raise QProbeError("objective 'ce' needs rewards that are 0 or 1; use 'mse' or 'pg' for graded rewards")
+        if obj == "ce" and not ((y >= 0) & (y <= 1)).all():
+            raise QProbeError("objective 'ce' needs rewards in [0, 1] (0/1, or soft targets); use 'mse' or 'pg' for other rewards")
         if obj == "ce" and self.hidden is None and np.ptp(y) == 0:
             raise QProbeError(f"objective 'ce' needs both rewards 0 and 1 in the data; all {y.size} rows have {y[0]:g}")
         if groups is None:

@@ -246,6 +246,58 @@ def effective_sample_size(weights, groups) -> np.ndarray:
     return 1.0 / _per_group_sum(w * w, gi)
 
 
+def best_of_n_curve(rewards, groups, k_max: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Expected best-of-n reward and its KL bound for n = 1 .. k_max, from each group's samples.
+
+    For a group of k rewards sorted ascending, r_(1) <= ... <= r_(k), the expected maximum of n
+    of them drawn without replacement is ``sum_i C(i-1, n-1) / C(k, n) r_(i)`` (the unbiased
+    pass@n estimator of Chen et al. 2021 for 0/1 rewards); it is averaged over groups. The KL of
+    best-of-n to the base is at most ``log n - (n-1)/n`` (:func:`bon_kl_bound`).
+
+    Parameters
+    ----------
+    rewards : array-like of shape (n_rows,)
+    groups : array-like of shape (n_rows,) or GroupIndex
+    k_max : int, optional
+        Largest n; default the smallest group size (every group must have at least k_max rows).
+
+    Returns
+    -------
+    n : ndarray of shape (k_max,)
+    reward : ndarray of shape (k_max,)
+        Mean over groups of the expected best-of-n reward (non-decreasing in n).
+    kl : ndarray of shape (k_max,)
+        ``log n - (n-1)/n``.
+    """
+    from scipy.special import gammaln
+
+    r = _check_q(rewards, "rewards")
+    gi = _as_gi(groups, r.shape[0])
+    k_max = int(gi.sizes.min()) if k_max is None else int(k_max)
+    if not 1 <= k_max <= gi.sizes.min():
+        raise QProbeError(f"k_max must be between 1 and the smallest group size ({gi.sizes.min()}), got {k_max}")
+    n = np.arange(1, k_max + 1)
+    total = np.zeros(k_max)
+    lc = lambda a, b: gammaln(a + 1) - gammaln(b + 1) - gammaln(a - b + 1)  # noqa: E731  log C(a, b)
+    for size in np.unique(gi.sizes):  # groups of one size share the weights
+        gs = np.flatnonzero(gi.sizes == size)
+        rs = np.sort(np.stack([r[gi.order[gi.starts[g] : gi.starts[g] + size]] for g in gs]), axis=1)
+        i = np.arange(1, size + 1)[:, None]  # rank, 1-based
+        with np.errstate(invalid="ignore"):
+            w = np.where(i >= n[None, :], np.exp(lc(i - 1, np.minimum(n[None, :] - 1, i - 1)) - lc(size, n[None, :])), 0.0)
+        total += (rs @ w).sum(axis=0)
+    return n, total / gi.sizes.size, np.asarray(bon_kl_bound(n), dtype=np.float64)
+
+
+def bon_reward_at_kl(kl: float, n, reward, kl_curve) -> float:
+    """Best-of-n reward at a given KL, linearly interpolated on the (KL bound, reward) curve.
+
+    Below KL 0 it is the base reward; beyond the curve's largest KL it is the best-of-k_max
+    reward (what best-of-n reaches within the k samples drawn: a lower bound there).
+    """
+    return float(np.interp(float(kl), np.asarray(kl_curve), np.asarray(reward)))
+
+
 def selection_report(q, rewards, groups, beta: float) -> dict:
     """Rewards and diagnostics of choosing one row per group by ``softmax(q / beta)``.
 

@@ -50,6 +50,8 @@ class TuneResult:
     losses: list = field(default_factory=list)  # held-out own loss per grid point
     rewards: list = field(default_factory=list)  # held-out expected reward of the chosen probe per beta
     betas: list = field(default_factory=list)
+    demo_weight: float | None = None  # the chosen demonstration weight (None: no demonstrations given)
+    grid_demo_weights: list = field(default_factory=list)  # demonstration weight of each grid point
 
 
 def own_loss(objective: str, q, y, groups) -> float:
@@ -75,8 +77,12 @@ def own_loss(objective: str, q, y, groups) -> float:
     raise QProbeError(f"objective must be one of mse, ce, pg, pref, got {objective!r}")
 
 
+# demonstration weights tried when demonstrations are given and no weight is fixed; 0 = leave them out
+DEMO_WEIGHTS = (0.0, 1.0, 3.0, 10.0)
+
+
 def tune(X, y, groups, objective="pg", grid=None, betas=BETAS, folds=5, random_state=0, progress=False,
-         **probe_params) -> TuneResult:
+         fit_y=None, demos=None, demo_weights=DEMO_WEIGHTS, **probe_params) -> TuneResult:
     """Cross-validate a probe over prompt folds; return the grid point and beta to use.
 
     Parameters
@@ -93,6 +99,16 @@ def tune(X, y, groups, objective="pg", grid=None, betas=BETAS, folds=5, random_s
         Number of prompt folds (at least 2, at most the number of prompts).
     random_state : int
         Seeds the fold split and every probe fit.
+    fit_y : array-like of shape (n_rows,), optional
+        Training targets when they differ from the rewards (a reward transform, see
+        :mod:`qprobe.transforms`): probes fit ``fit_y`` and the penalty is chosen on its held-out
+        loss, but beta is still chosen on held-out expected *reward* ``y``.
+    demos : tuple (X_demo, y_demo, groups_demo), optional
+        Demonstration rows (targets already transformed). A fold trains on the demonstrations of
+        its training prompts only and never scores them. The weight is a grid dimension.
+    demo_weights : sequence of float
+        Weights to try for the demonstrations (0 leaves them out), crossed with ``grid``; the
+        weight and penalty are chosen together on the held-out loss of the sampled rows.
     **probe_params
         Fixed QProbe parameters (``k``, ``hidden``, ``lr``, ...).
     """
@@ -115,6 +131,16 @@ def tune(X, y, groups, objective="pg", grid=None, betas=BETAS, folds=5, random_s
     grid, betas = [dict(p) for p in grid], [float(b) for b in betas]
     if not grid or not betas or min(betas) < 0:
         raise QProbeError("grid and betas must be non-empty and betas >= 0")
+    fy = y if fit_y is None else np.asarray(fit_y, dtype=float)
+    if fy.shape != y.shape:
+        raise QProbeError(f"fit_y has {fy.shape[0]} values but y has {y.shape[0]}")
+    weights = [None]
+    if demos is not None:
+        Xd, yd, gd = (np.asarray(a) for a in demos)
+        weights = sorted({float(w) for w in demo_weights})
+        if not weights or weights[0] < 0:
+            raise QProbeError("demo_weights must be non-empty and >= 0")
+    grid = [(p, w) for w in weights for p in grid]
     prompts = np.random.default_rng(random_state).permutation(prompts)
     oof = np.zeros((len(grid), len(y)))  # out-of-fold scores per grid point
     steps = [(f, i) for f in range(folds) for i in range(len(grid))]
@@ -124,11 +150,19 @@ def tune(X, y, groups, objective="pg", grid=None, betas=BETAS, folds=5, random_s
         steps = tqdm(steps, desc=f"tune {objective}", unit="fit")
     for f, i in steps:
         held = np.isin(groups, prompts[f::folds])
-        probe = QProbe(objective=objective, random_state=random_state, **{**probe_params, **grid[i]})
-        oof[i, held] = probe.fit(X[~held], y[~held], groups=groups[~held]).predict(X[held])
-    losses = [own_loss(objective, q, y, groups) for q in oof]
+        params, w = grid[i]
+        probe = QProbe(objective=objective, random_state=random_state, **{**probe_params, **params})
+        Xf, yf, gf, sw = X[~held], fy[~held], groups[~held], None
+        if w:  # demonstrations of the training prompts, with their weight
+            use = ~np.isin(gd, prompts[f::folds])
+            Xf = np.concatenate([Xf, Xd[use].astype(X.dtype)])
+            yf, gf = np.concatenate([yf, yd[use]]), np.concatenate([gf, gd[use]])
+            sw = np.concatenate([np.ones((~held).sum()), np.full(use.sum(), w)])
+        oof[i, held] = probe.fit(Xf, yf, groups=gf, sample_weight=sw).predict(X[held])
+    losses = [own_loss(objective, q, fy, groups) for q in oof]
     i = int(np.argmin(losses))
     rewards = [selection_report(oof[i], y, groups, b)["probe_reward"] for b in betas]
     j = int(np.argmax(rewards))
-    return TuneResult(params=grid[i], beta=betas[j], cv_reward=float(rewards[j]), grid=grid, losses=losses,
-                      rewards=rewards, betas=betas)
+    return TuneResult(params=grid[i][0], beta=betas[j], cv_reward=float(rewards[j]), grid=[p for p, _ in grid],
+                      losses=losses, rewards=rewards, betas=betas, demo_weight=grid[i][1],
+                      grid_demo_weights=[w for _, w in grid])

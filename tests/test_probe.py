@@ -249,7 +249,7 @@ X0, R0, _, G0 = synth(3, n_groups=10, k=4)
         ("pg", X0, R0, G0[:-1], "labels"),
         ("pref", X0, R0, G0, "exactly 2 rows"),
         ("pref", X0[:4], np.array([1.0, 1, 0, 1]), np.array([0, 0, 1, 1]), "exactly one row"),
-        ("ce", X0, R0 * 0.5, None, "0 or 1"),
+        ("ce", X0, np.r_[2.0, np.zeros(R0.size - 1)], None, r"in \[0, 1\]"),
         ("nope", X0, R0, None, "objective must be"),
     ],
 )

@@ -1,0 +1,87 @@
+"""Demonstrations as training evidence (demonstration-regularised RL, Tiapkin et al. 2024).
+
+A dataset's reference solutions (MBPP's ``code``, a preference set's chosen answers) are
+positives a weak model may never sample. ``qprobe train --demos`` embeds each one as a
+completion of its prompt, with the same extractor as the features, and adds it to training
+as a row of its prompt with a reward (default 1) and a weight; for ``pg`` it joins its
+prompt's group, so the chunk softmax compares it with the model's own samples.
+
+This module finds the demonstrations (a field of the rows, or a JSONL file of
+``prompt_id, completion``) and rebuilds the features' extractor from its recorded identity.
+Embedding goes through the extractor's cached ``embed``; fitting is the probe's job.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qprobe.errors import QProbeError
+
+DEMO_REWARD = 1.0
+
+
+def demo_items(rows: list[dict], source: str, template: str = "{demo}", path="rows") -> list[tuple]:
+    """One ``(prompt_id, prompt, completion)`` per prompt that has a demonstration.
+
+    Parameters
+    ----------
+    rows : list of dict
+        The training rows (completion rows); prompts are taken from them, so a demonstration is
+        embedded with exactly the prompt its prompt's samples were.
+    source : str
+        A JSONL file with ``prompt_id`` and ``completion`` per line, or else the name of a field
+        of the rows holding the demonstration (the first non-empty value per prompt is used).
+    template : str
+        How a demonstration is written as a completion, ``{demo}`` standing for it (e.g.
+        ``"```python\\n{demo}\\n"`` when the model's answers open a code block).
+    """
+    prompts: dict[str, dict] = {}  # json prompt_id -> first row of the prompt
+    for r in rows:
+        prompts.setdefault(json.dumps(r["prompt_id"]), r)
+    if "{demo}" not in template:
+        raise QProbeError("--demo-template must contain {demo}")
+    found: dict[str, str] = {}  # json prompt_id -> demonstration text
+    if Path(source).is_file():
+        from qprobe.io import read_jsonl, require_fields
+
+        demos = read_jsonl(source)
+        require_fields(demos, ["prompt_id", "completion"], source)
+        for i, d in enumerate(demos, 1):
+            key = json.dumps(d["prompt_id"])
+            if key not in prompts:
+                raise QProbeError(f"{source}: row {i}: prompt_id {d['prompt_id']!r} is not in the training rows")
+            if not isinstance(d["completion"], str):
+                raise QProbeError(f"{source}: row {i}: 'completion' must be a string")
+            found.setdefault(key, d["completion"])
+    else:
+        if not any(source in r for r in rows):
+            raise QProbeError(f"--demos {source!r}: neither a file nor a field of the rows in {path}")
+        for r in rows:
+            v = r.get(source)
+            if isinstance(v, str) and v.strip():
+                found.setdefault(json.dumps(r["prompt_id"]), v)
+    if not found:
+        raise QProbeError(f"--demos {source!r}: no demonstration found for any training prompt")
+    return [(prompts[k]["prompt_id"], prompts[k]["prompt"], template.replace("{demo}", d)) for k, d in found.items()]
+
+
+def embedder_from_identity(identity: dict | None):
+    """The embedder that made features with this recorded identity (hf, sentence or api)."""
+    from qprobe.embedders import get_embedder
+
+    if not identity or "kind" not in identity:
+        raise QProbeError("--demos needs features that record their extractor (made by `qprobe embed` or `sample --capture`)")
+    kind = identity["kind"]
+    keep = {"hf": ("model", "layer", "pooling"), "sentence": ("model", "max_length"),
+            "api": ("api_base", "model", "pooling")}.get(kind)
+    if keep is None:
+        raise QProbeError(f"--demos: cannot rebuild an extractor of kind {kind!r}")
+    spec = {"kind": kind, **{k: identity[k] for k in keep if k in identity}}
+    if kind == "api":
+        import os
+
+        spec["api_key"] = os.environ.get("OPENAI_API_KEY")
+    emb = get_embedder(spec)
+    if emb.identity() != identity:
+        raise QProbeError(f"--demos: rebuilt extractor {emb.identity()} differs from the features' {identity}")
+    return emb
