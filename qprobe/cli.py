@@ -591,6 +591,58 @@ def cache_clear(cache_dir, yes):
     click.echo(f"deleted {cache.clear()} entries from {cache.path}")
 
 
+# --------------------------------------------------------------------------- serve
+@cli.command(context_settings=CONTEXT)
+@click.option("--probe", "probe_dir", required=True, type=click.Path(file_okay=False), help="Probe folder.")
+@click.option("--model", "-m", default=None, help="Local model [default: smollm2-135m when no --api-base].")
+@click.option("--api-base", default=None, help="Upstream OpenAI-compatible server, e.g. http://127.0.0.1:8123/v1.")
+@click.option("--api-model", default=None, help="Model name on the upstream server (required with --api-base).")
+@click.option("--api-key", default=None, envvar="OPENAI_API_KEY", show_envvar=True, help="Key for the upstream.")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="File holding the bearer token clients must send [default: $QPROBE_SERVE_API_KEY; none: no auth].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--served-model-name", default=None, help="Name clients send as `model` [default: the model's].")
+@click.option("-k", type=click.IntRange(1), default=4, show_default=True, help="Candidates per request (extra_body k).")
+@click.option("--beta", type=click.FloatRange(0), default=None, help="Selection temperature [default: the probe's].")
+@click.option("--max-k", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True,
+              help="Default and largest max_tokens.")
+@click.option("--temperature", type=click.FloatRange(0), default=0.8, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
+@click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
+              help="Requests in flight before new ones get 503.")
+@click.option("--max-request-bytes", type=click.IntRange(1), default=1 << 20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Local: rows decoded together.")
+@click.option("--device", default=None, help="torch device [default: cuda if present, else cpu].")
+@click.option("--dtype", default=None, help="torch dtype [default: bfloat16 on cuda, float32 on cpu].")
+@click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True)
+@click.option("--max-retries", type=click.IntRange(0), default=2, show_default=True, help="Upstream retries.")
+@user_errors
+def serve(probe_dir, model, api_base, api_model, api_key, api_key_file, host, port, served_model_name, k, beta,
+          max_k, max_tokens, temperature, top_p, max_queue, max_request_bytes, batch_size, device, dtype,
+          request_timeout, max_retries):
+    """Serve an OpenAI-compatible API that answers with the probe's choice among k samples."""
+    import os
+
+    from qprobe.serve import build
+
+    _backend(model, api_base, api_model)
+    token = open(api_key_file).read().strip() if api_key_file else os.environ.get("QPROBE_SERVE_API_KEY") or None
+    if api_key_file and not token:
+        raise QProbeError(f"--api-key-file {api_key_file} is empty")
+    app = build(probe_dir, model=model, api_base=api_base, api_model=api_model, api_key=api_key,
+                served_model_name=served_model_name, k=k, beta=beta, batch_size=batch_size, device=device,
+                dtype=dtype, request_timeout=request_timeout, max_retries=max_retries, server_api_key=token,
+                max_k=max_k, max_tokens=max_tokens, temperature=temperature, top_p=top_p, max_queue=max_queue,
+                max_request_bytes=max_request_bytes)
+    import uvicorn
+
+    click.echo(f"serving {app.state.config.model_id} on http://{host}:{port}/v1 (k {app.state.config.k}, "
+               f"beta {app.state.config.beta:g}, auth {'on' if token else 'off'})", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
 def main():
     cli(prog_name="qprobe")
 

@@ -116,6 +116,7 @@ class StubServer:
         self._streak: Counter = Counter()  # request body digest -> faults in a row
         self._served = 0
         self.inflight = self.max_inflight = 0  # POSTs being handled now / at most at once
+        self.bodies: list[dict] = []  # decoded JSON of every completion/embedding request, in arrival order
         self.dead = False
         self._closing = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
@@ -259,6 +260,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except ValueError:
             return self._send(400, {"error": {"message": "request body is not JSON"}})
+        with stub._lock:
+            stub.bodies.append(body)
         if body.get("model") not in stub.models:
             return self._send(404, {"error": {"message": f"model {body.get('model')!r} not found"}})
         need = {"chat": "messages", "completions": "prompt", "embeddings": "input"}[endpoint]

@@ -1,0 +1,65 @@
+"""`qprobe serve`: an OpenAI-compatible server that answers with the probe-reranked completion.
+
+`build(...)` makes the app from a probe and a backend (a local model or an
+upstream server); `create_app(backend, probe, config)` takes them ready-made
+(tests inject a stub backend); `BackgroundServer` runs an app on a thread.
+FastAPI, uvicorn and sse-starlette are imported only when a server is built
+(`pip install 'qprobe[serve]'`).
+"""
+from __future__ import annotations
+
+from qprobe.errors import QProbeError
+
+__all__ = ["build", "create_app", "ServeConfig", "BackgroundServer"]
+
+
+def _need_stack() -> None:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "sse_starlette") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise QProbeError(f"qprobe serve needs {', '.join(missing)}: pip install 'qprobe[serve]'")
+
+
+def build(probe_dir, model: str | None = None, api_base: str | None = None, api_model: str | None = None,
+          api_key: str | None = None, served_model_name: str | None = None, k: int = 4, beta: float | None = None,
+          batch_size: int = 32, device: str | None = None, dtype: str | None = None, request_timeout: float = 60.0,
+          max_retries: int = 2, server_api_key: str | None = None, **limits):
+    """The app serving the probe in `probe_dir` over a local `model` or an upstream `api_base`/`api_model`.
+
+    `limits` are further `ServeConfig` fields (max_k, max_tokens, temperature, top_p, max_queue,
+    max_request_bytes, max_prompt_chars).
+    """
+    _need_stack()
+    from qprobe.probe import QProbe
+    from qprobe.serve.app import ServeConfig, create_app
+    from qprobe.serve.backends import LocalBackend, UpstreamBackend
+
+    probe = QProbe.load(probe_dir)
+    if api_base:
+        backend = UpstreamBackend(api_base, api_model, probe.embedder_, api_key=api_key, timeout=request_timeout,
+                                  max_retries=max_retries)
+        name = served_model_name or api_model
+    else:
+        model = model or "smollm2-135m"
+        backend = LocalBackend(model, probe.embedder_, batch_size=batch_size, device=device, dtype=dtype,
+                               api_key=api_key)
+        if backend.capture:
+            h = backend.hidden_size()
+            if h != probe.n_features_in_:
+                raise QProbeError(f"probe {probe_dir} expects {probe.n_features_in_} features but {model}'s hidden "
+                                  f"states have {h}")
+        name = served_model_name or model
+    config = ServeConfig(model_id=name, k=k, beta=float(probe.beta if beta is None else beta),
+                         api_key=server_api_key, **limits)
+    if config.k > config.max_k:
+        raise QProbeError(f"-k {config.k} exceeds --max-k {config.max_k}")
+    return create_app(backend, probe, config)
+
+
+def __getattr__(name):
+    if name in ("create_app", "ServeConfig", "BackgroundServer"):
+        from qprobe.serve import app
+
+        return getattr(app, name)
+    raise AttributeError(name)

@@ -1,0 +1,370 @@
+"""Where `qprobe serve` gets its k candidates and their features.
+
+- `LocalBackend`: a local transformers model through the continuous-batching
+  `HFSampler`. One worker thread drains the requests waiting in its queue into
+  one `sample_stream` call (requests with the same sampling settings share a
+  batch), so concurrent requests are decoded together. When the probe was
+  trained on this model's hidden states (its recorded extractor is
+  ``hf`` / this model), the features are captured during sampling at no extra
+  cost; otherwise the probe's own extractor embeds the chosen candidates.
+- `UpstreamBackend`: an OpenAI-compatible server through `OpenAISampler`
+  (asks for ``n = k`` and tops up servers that ignore ``n``), with the
+  request's unused parameters passed through; features come from the probe's
+  own extractor.
+
+A request cancelled while waiting leaves the queue; one cancelled while its
+batch decodes stops that batch once every request in it is gone (the local
+sampler cannot drop single rows from a running batch), and an upstream request
+stops asking for top-ups. Not here: HTTP, auth, the choice (see `app.py`).
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import queue
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qprobe.errors import QProbeError
+from qprobe.samplers.base import SampleJob
+
+from qprobe.serve.protocol import ServeError
+
+
+@dataclass
+class Candidate:
+    """One of the k completions drawn for a request."""
+
+    text: str
+    finish_reason: str
+    features: np.ndarray | None = None  # (n_features,), float32
+    n_tokens: int | None = None
+
+
+@dataclass
+class Draw:
+    """What one request asks a backend for: k completions of one prompt with these settings."""
+
+    prompt: Any  # a string, or a list of {"role", "content"} messages
+    seeds: list[int]  # one per candidate: k = len(seeds)
+    temperature: float
+    top_p: float
+    max_tokens: int
+    stop: list[str]
+    extra: dict = field(default_factory=dict)  # parameters the server does not read (upstream only)
+
+    def settings(self) -> tuple:
+        return self.temperature, self.top_p, self.max_tokens, tuple(self.stop)
+
+
+def extractor_spec(identity: dict, api_key: str | None = None) -> dict:
+    """`get_embedder` spec that rebuilds the extractor a probe records (its `embedder_`)."""
+    kind = identity.get("kind")
+    if kind == "hf":
+        return dict(kind="hf", model=identity["model"], layer=identity["layer"], pooling=identity["pooling"])
+    if kind == "api":
+        return dict(kind="api", api_base=identity["api_base"], model=identity["model"],
+                    pooling=identity.get("pooling", "mean"), api_key=api_key, max_retries=2)
+    if kind == "sentence":
+        return dict(kind="sentence", model=identity["model"], max_length=identity.get("max_length", 256))
+    raise QProbeError(f"the probe's feature extractor {identity!r} cannot be rebuilt here (kind {kind!r})")
+
+
+class Backend:
+    """A source of candidates. Subclasses set `features` and implement `draw`."""
+
+    features = "extractor"  # where the probe's features come from: "sampling pass" or "extractor"
+
+    def start(self) -> None:
+        """Load what the backend needs (called once, before the first request)."""
+
+    def close(self) -> None:
+        """Release threads and connections."""
+
+    def check_prompt(self, prompt, max_tokens: int) -> int | None:
+        """Number of prompt tokens where the backend knows it; raise ServeError(413) if it cannot fit."""
+        return None
+
+    def ignored(self, extra: dict) -> list[str]:
+        """Request parameters this backend drops (the upstream backend passes them on)."""
+        return sorted(extra)
+
+    async def draw(self, d: Draw) -> list[Candidate]:
+        """k candidates with their features, in seed order."""
+        raise NotImplementedError
+
+
+class _Embedding:
+    """The probe's own extractor, one batch at a time (a local model is not shared between threads)."""
+
+    def __init__(self, identity: dict | None, api_key: str | None = None):
+        if not identity:
+            raise QProbeError("the probe records no feature extractor, so the server cannot embed completions; "
+                              "retrain it with `qprobe train` on features made by `qprobe embed`")
+        from qprobe.embedders import get_embedder
+
+        self.embedder = get_embedder(extractor_spec(identity, api_key))
+        self._lock = threading.Lock()
+
+    def fill(self, prompt, cands: list[Candidate]) -> list[Candidate]:
+        with self._lock:
+            X = self.embedder.embed([(prompt, c.text) for c in cands], progress=False)
+        for c, x in zip(cands, X):
+            c.features = x
+        return cands
+
+
+# ------------------------------------------------------------------------------ local model
+@dataclass(eq=False)
+class _Work:
+    draw: Draw
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    results: list = field(default_factory=list)
+    left: int = 0
+
+    def settle(self, value=None, error: BaseException | None = None) -> None:
+        def _set():
+            if not self.future.done():
+                self.future.set_exception(error) if error is not None else self.future.set_result(value)
+
+        self.loop.call_soon_threadsafe(_set)
+
+
+class LocalBackend(Backend):
+    """k candidates per request from a local model, concurrent requests decoded in one batch.
+
+    Parameters
+    ----------
+    model : str
+        As for `HFSampler` (``smollm2-135m`` by default).
+    extractor : dict or None
+        The probe's recorded extractor. ``hf`` on this model: captured during
+        sampling. None: the last layer at the last token is captured (the
+        default of `qprobe embed`). Anything else: computed by that extractor.
+    batch_size : int
+        Rows decoded together by the sampler.
+    max_batch_requests : int
+        Requests drained from the queue into one batch.
+    """
+
+    def __init__(self, model: str = "smollm2-135m", extractor: dict | None = None, batch_size: int = 32,
+                 max_batch_requests: int = 64, device: str | None = None, dtype: str | None = None,
+                 api_key: str | None = None):
+        self.model, self.batch_size, self.max_batch_requests = model, int(batch_size), int(max_batch_requests)
+        self.device, self.dtype = device, dtype
+        self.extractor, self.api_key = extractor, api_key
+        if not extractor or (extractor.get("kind") == "hf" and extractor.get("model") == model):
+            ex = extractor or {"layer": -1, "pooling": "last"}
+            self.capture, self.features, self._embedding = [(int(ex["layer"]), ex["pooling"])], "sampling pass", None
+        else:
+            self.capture, self.features = None, "extractor"
+            self._embedding = _Embedding(extractor, api_key)
+        self._q: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._tok_lock = threading.Lock()
+        self.n_batches = 0  # sample_stream calls made (a test of batching reads it)
+
+    def start(self) -> None:
+        from qprobe.hfmodel import load_model, norm_layer
+
+        model, self._tok = load_model(self.model, self.device, self.dtype)
+        self._context = getattr(model.config, "max_position_embeddings", None) or 10**9
+        if self.capture:
+            norm_layer(model, self.capture[0][0])  # a layer the model lacks fails now, not per request
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="qprobe-serve-sampler", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def hidden_size(self) -> int:
+        from qprobe.hfmodel import load_model
+
+        return int(load_model(self.model, self.device, self.dtype)[0].config.hidden_size)
+
+    def check_prompt(self, prompt, max_tokens: int) -> int:
+        from qprobe.hfmodel import prompt_ids
+
+        try:
+            with self._tok_lock:
+                n = len(prompt_ids(self._tok, prompt))
+        except QProbeError as e:
+            raise ServeError(400, str(e)) from None
+        if n + max_tokens > self._context:
+            raise ServeError(413, f"the prompt has {n} tokens; with max_tokens {max_tokens} that exceeds the model's "
+                                  f"context of {self._context} tokens", code="context_length_exceeded")
+        return n
+
+    async def draw(self, d: Draw) -> list[Candidate]:
+        if self._thread is None:
+            raise ServeError(503, "the local model is not started")
+        loop = asyncio.get_running_loop()
+        work = _Work(d, loop, loop.create_future(), left=len(d.seeds))
+        work.results = [None] * len(d.seeds)
+        self._q.put(work)
+        try:
+            cands = await work.future
+        except asyncio.CancelledError:
+            work.cancelled.set()  # leaves the queue, or stops its batch once the batch has no one left
+            raise
+        if self._embedding is not None:
+            cands = await asyncio.to_thread(self._embedding.fill, d.prompt, cands)
+        return cands
+
+    # -------------------------------------------------------------- the worker thread
+    def _run(self) -> None:
+        while True:
+            first = self._q.get()
+            if first is None:
+                return
+            batch, stop = [first], False
+            while len(batch) < self.max_batch_requests:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            groups: dict[tuple, list[_Work]] = {}  # sampling settings -> requests decoded together
+            for w in batch:
+                if not w.cancelled.is_set():
+                    groups.setdefault(w.draw.settings(), []).append(w)
+            for works in groups.values():
+                self._sample(works)
+            if stop:
+                return
+
+    def _sample(self, works: list[_Work]) -> None:
+        from qprobe.samplers.hf import HFSampler
+
+        d = works[0].draw
+        sampler = HFSampler(self.model, temperature=d.temperature, top_p=d.top_p, max_new_tokens=d.max_tokens,
+                            stop=d.stop, batch_size=self.batch_size, capture=self.capture, device=self.device,
+                            dtype=self.dtype)
+        jobs, owner = [], []  # job index -> (request, candidate index)
+        for w in works:
+            for i, seed in enumerate(w.draw.seeds):
+                jobs.append(SampleJob(w.draw.prompt, i, seed))
+                owner.append((w, i))
+        self.n_batches += 1
+        stream = sampler.sample_stream(jobs)
+        try:
+            for item in stream:
+                for j, res in item if isinstance(item, list) else [item]:
+                    w, i = owner[j]
+                    feats = list((res.get("_features") or {}).values())
+                    w.results[i] = Candidate(res["completion"], res.get("finish_reason") or "stop",
+                                             feats[0] if feats else None, res.get("n_tokens"))
+                    w.left -= 1
+                    if w.left == 0:
+                        w.settle(w.results)
+                if all(w.left == 0 or w.cancelled.is_set() for w in works):
+                    break  # everyone still waiting has gone away: stop decoding
+        except Exception as e:  # noqa: BLE001 - answered to every request of the batch
+            err = ServeError(500, f"sampling failed: {e}")
+            for w in works:
+                if w.left:
+                    w.settle(error=err)
+        finally:
+            stream.close()
+        for w in works:
+            if w.left:  # stopped early: its client is gone, but never leave a future hanging
+                w.settle(error=ServeError(499, "request cancelled"))
+
+
+# ------------------------------------------------------------------------------ upstream server
+_STATUS = re.compile(r"answered HTTP (\d{3})")
+
+
+def upstream_error(e: QProbeError) -> ServeError:
+    """Map an `ApiClient` failure to the status a client should see."""
+    msg = str(e)
+    m = _STATUS.search(msg)
+    if m and m.group(1) in ("400", "422"):  # the upstream refused the request itself (a passed-through parameter)
+        return ServeError(400, f"upstream rejected the request: {msg}", code="upstream_bad_request")
+    if "did not answer within" in msg:
+        return ServeError(504, f"upstream timed out: {msg}", code="upstream_timeout")
+    return ServeError(502, f"upstream failed: {msg}", code="upstream_unavailable")
+
+
+class UpstreamBackend(Backend):
+    """k candidates per request from an OpenAI-compatible server; features from the probe's extractor.
+
+    Parameters
+    ----------
+    api_base, api_model : str
+        The upstream server (with its version prefix) and the model name it serves.
+    extractor : dict
+        The probe's recorded extractor, rebuilt to embed the candidates.
+    api_key : str, optional
+        Key for the upstream server (and for an ``api`` extractor on the same base).
+    timeout, max_retries : float, int
+        Per HTTP attempt, and retries per upstream request.
+    concurrency : int
+        Upstream requests in flight per client request (top-ups).
+    """
+
+    features = "extractor"
+
+    def __init__(self, api_base: str, api_model: str, extractor: dict | None, api_key: str | None = None,
+                 timeout: float = 60.0, max_retries: int = 2, concurrency: int = 4):
+        from qprobe.samplers.openai_api import OpenAISampler
+
+        class _Passthrough(OpenAISampler):
+            extra: dict = {}
+
+            def _body(self, prompt, n, seed):
+                path, body = super()._body(prompt, n, seed)
+                return path, {**self.extra, **body}  # the server's own fields (n, seed, prompt) win
+
+        self.api_base = api_base.rstrip("/")
+        self._base = _Passthrough(self.api_base, api_model, api_key=api_key, timeout=timeout,
+                                  max_retries=max_retries, concurrency=concurrency, backoff=0.25)
+        same = extractor and extractor.get("kind") == "api" and extractor.get("api_base", "").rstrip("/") == self.api_base
+        self._embedding = _Embedding(extractor, api_key if same else None)
+
+    def ignored(self, extra: dict) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        self._base.api.client.close()
+
+    async def draw(self, d: Draw) -> list[Candidate]:
+        gone = threading.Event()
+        try:
+            return await asyncio.to_thread(self._draw, d, gone)
+        except asyncio.CancelledError:
+            gone.set()  # no further top-ups; the thread ends with the request in flight
+            raise
+
+    def _draw(self, d: Draw, gone: threading.Event) -> list[Candidate]:
+        s = copy.copy(self._base)  # shares the HTTP client; settings are per request
+        s.temperature, s.top_p, s.max_new_tokens, s.stop = d.temperature, d.top_p, d.max_tokens, d.stop or None
+        s.mode = "chat" if isinstance(d.prompt, list) else "completions"
+        s.extra = d.extra
+        out: list[Candidate | None] = [None] * len(d.seeds)
+        jobs = [SampleJob(d.prompt, i, seed) for i, seed in enumerate(d.seeds)]
+        try:
+            for item in s.sample_stream(jobs):
+                for j, res in item if isinstance(item, list) else [item]:
+                    out[j] = Candidate(res["completion"], res.get("finish_reason") or "stop")
+                if gone.is_set():
+                    raise ServeError(499, "request cancelled")
+        except QProbeError as e:
+            raise upstream_error(e) from None
+        try:
+            return self._embedding.fill(d.prompt, out)
+        except QProbeError as e:
+            raise ServeError(502, f"embedding the candidates failed: {e}", code="extractor_failed") from None
