@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import threading
 import time
 
@@ -232,37 +233,43 @@ def test_raw_http_errors(stub_app):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
+def _raw_post(url: str, path: str, payload: dict) -> socket.socket:
+    """Send one request on a raw socket and leave it waiting (closing the socket is a client disconnect)."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    body = json.dumps(payload).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"POST /v1{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    return sock
+
+
+def _wait_for(cond, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
 def test_queue_full_then_disconnect_frees_the_slot(stub_app):
     url, backend, _, _ = stub_app
     backend.hold = threading.Event()
-    before = backend.cancelled
-    errors = []
-
-    def waiting_client():  # gives up after 0.5 s: its connection closes while its request is held
-        try:
-            client(url, timeout=0.5).completions.create(model="qp", prompt="held")
-        except openai.APITimeoutError as e:
-            errors.append(e)
-
+    before, n_draws = backend.cancelled, len(backend.draws)
+    socks = []
     try:
-        threads = [threading.Thread(target=waiting_client) for _ in range(2)]
-        for t in threads:
-            t.start()
-        time.sleep(0.25)  # both admitted (max_queue 2)
+        socks = [_raw_post(url, "/completions", {"model": "qp", "prompt": "held"}) for _ in range(2)]
+        assert _wait_for(lambda: len(backend.draws) == n_draws + 2)  # both admitted (max_queue 2) and held
         with pytest.raises(openai.APIStatusError) as e:
-            client(url).completions.create(model="qp", prompt="third")
+            client(url, timeout=60).completions.create(model="qp", prompt="third")
         assert e.value.status_code == 503 and e.value.body["code"] == "queue_full"
-        for t in threads:
-            t.join()
-        assert len(errors) == 2
-        deadline = time.monotonic() + 5
-        while backend.cancelled < before + 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert backend.cancelled == before + 2  # both draws were cancelled when their clients left
+        for sock in socks:
+            sock.close()  # the clients go away
+        assert _wait_for(lambda: backend.cancelled == before + 2)  # ... and their draws are cancelled
     finally:
         backend.hold.set()
         backend.hold = None
-    r = client(url).completions.create(model="qp", prompt="after")  # the slots are free again
+        for sock in socks:
+            sock.close()
+    r = client(url, timeout=60).completions.create(model="qp", prompt="after")  # the slots are free again
     assert r.choices[0].text.endswith(": after")
 
 
