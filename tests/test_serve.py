@@ -332,9 +332,15 @@ def test_upstream_unreachable_is_502_and_stall_is_504(upstream, tmp_path):
 
 
 # ------------------------------------------------------------------ the real local path
-def _real_local_checks(url, model_name, probe, embed_model):
-    """Sync + async clients against a local backend; the captured features match a separate forward pass."""
-    from qprobe.embedders.hf import HFEmbedder
+def _real_local_checks(url, model_name, probe, local_model):
+    """Sync + async clients against a local backend.
+
+    The candidates and their Q match the sampler run directly with the server's seeds and
+    settings (each row draws from its own seeded generator, whatever the batching), with
+    features captured in that pass.
+    """
+    from qprobe.samplers.base import SampleJob, row_seed
+    from qprobe.samplers.hf import HFSampler
 
     msgs = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
     r = client(url).chat.completions.create(model=model_name, messages=msgs, max_tokens=12, seed=1,
@@ -343,9 +349,12 @@ def _real_local_checks(url, model_name, probe, embed_model):
     assert info["features"] == "sampling pass" and len(info["candidates"]) == 3
     chosen = info["chosen"][0]
     assert r.choices[0].message.content == info["candidates"][chosen]["text"]
-    X = HFEmbedder(embed_model, layer=-1, pooling="last").embed(
-        [(msgs, c["text"]) for c in info["candidates"]], progress=False)
-    np.testing.assert_allclose([c["q"] for c in info["candidates"]], probe.predict(X), rtol=1e-3, atol=1e-3)
+    direct = HFSampler(local_model, temperature=0.8, top_p=0.95, max_new_tokens=12, capture=[(-1, "last")])
+    res = dict(direct.sample_stream([SampleJob(msgs, i, row_seed(1, "serve", i)) for i in range(3)]))
+    assert [c["text"] for c in info["candidates"]] == [res[i]["completion"] for i in range(3)]
+    X = np.stack([next(iter(res[i]["_features"].values())) for i in range(3)])
+    np.testing.assert_allclose([c["q"] for c in info["candidates"]], probe.predict(X), rtol=1e-4, atol=1e-4)
+    assert chosen == int(np.argmax(probe.predict(X)))
     assert r.usage.prompt_tokens > 5 and r.usage.completion_tokens >= 3
 
     async def many():

@@ -1,0 +1,141 @@
+"""Throughput and latency of `qprobe serve` on the local model, and what reranking costs over plain sampling.
+
+    python experiments/bench_serve.py                 # SmolLM2-135M on this CPU, k 4, max_tokens 16
+    python experiments/bench_serve.py --json          # the same, plus one JSON line
+
+Starts the server in this process on 127.0.0.1 (a free port) over the embedded
+default model, with a probe on its last-layer, last-token features (random
+weights: the cost of scoring does not depend on them), and drives it with the
+official async openai client. Prints:
+  1. requests/s and p50/p95 latency at concurrency 1, 4 and 16 (requests on
+     MBPP chat prompts, each asking for k candidates and one choice);
+  2. the overhead of reranking over plain sampling at the same k: the same
+     prompts, seeds and settings drawn by `HFSampler` directly (no features, no
+     probe, no HTTP), one request at a time, against the server at concurrency 1.
+     With the same seeds both draw the same tokens, so the difference is HTTP,
+     feature capture, scoring and the choice.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def prompts(n: int) -> list[list[dict]]:
+    rows = [json.loads(line) for line in open(ROOT / "data" / "mbpp" / "mbpp.jsonl")][:n]
+    return [[{"role": "user", "content": f"{r['text']} Answer with one Python code block."}] for r in rows]
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+async def drive(url: str, model: str, msgs: list, conc: int, k: int, max_tokens: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+    sem = asyncio.Semaphore(conc)
+    lat = []
+
+    async def one(i, m):
+        async with sem:
+            t = time.perf_counter()
+            await client.chat.completions.create(model=model, messages=m, max_tokens=max_tokens, seed=i,
+                                                 extra_body={"k": k})
+            lat.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[one(i, m) for i, m in enumerate(msgs)])
+    wall = time.perf_counter() - t0
+    await client.close()
+    return {"concurrency": conc, "requests": len(msgs), "rps": len(msgs) / wall, "p50": pct(lat, 50),
+            "p95": pct(lat, 95), "wall": wall}
+
+
+def plain_sampling(model: str, msgs: list, k: int, max_tokens: int, temperature: float, top_p: float) -> list[float]:
+    """Seconds per prompt for k candidates drawn by HFSampler directly, with the server's seeds."""
+    from qprobe.samplers.base import SampleJob, row_seed
+    from qprobe.samplers.hf import HFSampler
+
+    s = HFSampler(model, temperature=temperature, top_p=top_p, max_new_tokens=max_tokens)
+    out = []
+    for i, m in enumerate(msgs):
+        jobs = [SampleJob(m, j, row_seed(i, "serve", j)) for j in range(k)]
+        t = time.perf_counter()
+        for _ in s.sample_stream(jobs):
+            pass
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("-k", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from qprobe.embedders.hf import hf_identity
+    from qprobe.hfmodel import config_layers, load_model
+    from qprobe.probe import QProbe
+    from qprobe.serve import BackgroundServer, build
+
+    model, _ = load_model(a.model)
+    d = int(model.config.hidden_size)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64, d)).astype(np.float32)
+    probe = QProbe("mse", beta=0.1).fit(X, X @ rng.standard_normal(d))
+    msgs = prompts(a.requests)
+    temperature, top_p = 0.8, 0.95
+    levels = [int(c) for c in a.concurrency.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        probe.save(Path(tmp) / "probe", embedder=hf_identity(a.model, config_layers(a.model), "last"))
+        app = build(Path(tmp) / "probe", model=a.model, k=a.k, max_tokens=a.max_tokens, temperature=temperature,
+                    top_p=top_p, max_queue=max(64, max(levels)), batch_size=64)
+        with BackgroundServer(app) as srv:
+            asyncio.run(drive(srv.url, a.model, msgs[:1], 1, a.k, a.max_tokens))  # warm up
+            runs = [asyncio.run(drive(srv.url, a.model, msgs, c, a.k, a.max_tokens)) for c in levels]
+            batches = app.state.backend.n_batches
+    plain = plain_sampling(a.model, msgs, a.k, a.max_tokens, temperature, top_p)
+    c1 = next((r for r in runs if r["concurrency"] == 1), None)
+    lines = [
+        f"# python experiments/bench_serve.py {' '.join(argv or [])}".rstrip(),
+        f"# {platform.node()}: {torch.get_num_threads()} torch threads, {a.model}, k {a.k}, max_tokens {a.max_tokens}, "
+        f"{a.requests} MBPP chat prompts per level, temperature {temperature}, top-p {top_p}",
+        f"{'concurrency':>11} {'requests/s':>11} {'p50 s':>8} {'p95 s':>8}",
+    ]
+    for r in runs:
+        lines.append(f"{r['concurrency']:>11} {r['rps']:>11.3f} {r['p50']:>8.2f} {r['p95']:>8.2f}")
+    lines.append(f"sampler batches for {sum(r['requests'] for r in runs) + 1} requests: {batches}")
+    report = {"model": a.model, "k": a.k, "max_tokens": a.max_tokens, "levels": runs,
+              "plain_p50": statistics.median(plain), "plain_mean": statistics.mean(plain)}
+    if c1:
+        over = c1["p50"] / report["plain_p50"] - 1
+        report["rerank_overhead_p50"] = over
+        lines.append(f"plain sampling, same prompts/seeds/k, no features/probe/HTTP: p50 {report['plain_p50']:.2f} s, "
+                     f"mean {report['plain_mean']:.2f} s per request")
+        lines.append(f"served with reranking at concurrency 1: p50 {c1['p50']:.2f} s -> overhead {over:+.1%}")
+    print("\n".join(lines))
+    if a.json:
+        print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
