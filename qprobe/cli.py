@@ -613,7 +613,8 @@ def cache_clear(cache_dir, yes):
 @click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
               help="Requests in flight before new ones get 503.")
 @click.option("--max-request-bytes", type=click.IntRange(1), default=1 << 20, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Local: rows decoded together.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Local: rows decoded together.")
 @click.option("--device", default=None, help="torch device [default: cuda if present, else cpu].")
 @click.option("--dtype", default=None, help="torch dtype [default: bfloat16 on cuda, float32 on cpu].")
 @click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True)

@@ -118,7 +118,7 @@ def stub_app():
 def test_chat_sync_returns_argmax_and_says_why(stub_app):
     url, backend, probe, feats = stub_app
     r = client(url).chat.completions.create(model="qp", messages=[{"role": "user", "content": "hi"}],
-                                            extra_body={"k": 6, "beta": 0})
+                                            presence_penalty=0.5, extra_body={"k": 6, "beta": 0})
     q = probe.predict(feats[:6])
     best = int(np.argmax(q))
     assert r.choices[0].message.content == f"cand-{best}: hi" and r.choices[0].finish_reason == "stop"
@@ -129,6 +129,7 @@ def test_chat_sync_returns_argmax_and_says_why(stub_app):
     assert info["kl"] == pytest.approx(np.log(6))
     assert r.usage.completion_tokens == 18  # all six candidates were generated
     assert "text" not in info["candidates"][0]
+    assert info["ignored_params"] == ["presence_penalty"]  # a local backend says what it did not use
 
 
 def test_completions_n_best_softmax_weights_and_candidates(stub_app):
@@ -273,13 +274,18 @@ def test_queue_full_then_disconnect_frees_the_slot(stub_app):
     assert r.choices[0].text.endswith(": after")
 
 
-def test_binds_loopback_by_default():
+def test_cli_binds_loopback_by_default_and_errors_are_one_line(tmp_path):
     from click.testing import CliRunner
 
     from qprobe.cli import cli
 
     out = CliRunner().invoke(cli, ["serve", "--help"]).output
     assert "[default: 127.0.0.1]" in out and "--api-key-file" in out
+    r = CliRunner().invoke(cli, ["serve", "--probe", str(tmp_path)])
+    assert r.exit_code == 1
+    assert r.output.strip() == f"Error: {tmp_path} is not a probe directory (needs config.json and probe.safetensors)"
+    r = CliRunner().invoke(cli, ["serve", "--probe", str(tmp_path), "--api-base", "http://127.0.0.1:9/v1"])
+    assert r.exit_code == 1 and r.output.strip() == "Error: --api-base needs --api-model"
 
 
 # ------------------------------------------------------------------ the real upstream path, against the stub server

@@ -332,7 +332,8 @@ class UpstreamBackend(Backend):
         self.api_base = api_base.rstrip("/")
         self._base = _Passthrough(self.api_base, api_model, api_key=api_key, timeout=timeout,
                                   max_retries=max_retries, concurrency=concurrency, backoff=0.25)
-        same = extractor and extractor.get("kind") == "api" and extractor.get("api_base", "").rstrip("/") == self.api_base
+        same = (extractor and extractor.get("kind") == "api"
+                and extractor.get("api_base", "").rstrip("/") == self.api_base)  # then the upstream key applies
         self._embedding = _Embedding(extractor, api_key if same else None)
 
     def ignored(self, extra: dict) -> list[str]:
