@@ -22,6 +22,7 @@ import asyncio
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -110,7 +111,10 @@ def main(argv=None) -> dict:
                     top_p=top_p, max_queue=max(64, max(levels)), batch_size=64)
         with BackgroundServer(app) as srv:
             asyncio.run(drive(srv.url, a.model, msgs[:1], 1, a.k, a.max_tokens))  # warm up
-            runs = [asyncio.run(drive(srv.url, a.model, msgs, c, a.k, a.max_tokens)) for c in levels]
+            runs = []
+            for c in levels:  # each level is printed as it finishes (the whole run takes minutes)
+                runs.append(asyncio.run(drive(srv.url, a.model, msgs, c, a.k, a.max_tokens)))
+                print(f"# concurrency {c}: {runs[-1]['rps']:.3f} requests/s", file=sys.stderr, flush=True)
             batches = app.state.backend.n_batches
     plain = plain_sampling(a.model, msgs, a.k, a.max_tokens, temperature, top_p)
     c1 = next((r for r in runs if r["concurrency"] == 1), None)
