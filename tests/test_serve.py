@@ -28,7 +28,7 @@ from qprobe.serve.backends import Backend, Candidate  # noqa: E402
 from qprobe.serve.protocol import pieces  # noqa: E402
 from qprobe.serve.rerank import choose  # noqa: E402
 from qprobe.select import kl_to_base, softmax_weights  # noqa: E402
-from servers import StubServer, embedding_for, llama_server, llama_unavailable  # noqa: E402
+from qprobe.testing.servers import StubServer, embedding_for, llama_server, llama_unavailable  # noqa: E402
 
 DIM = 8
 KEY = "sk-test-token"
