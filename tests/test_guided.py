@@ -173,7 +173,7 @@ def test_train_prefix_labels_each_prefix_with_its_completion_reward(tmp_path):
     save_features(tmp_path / "g.npy", X[:8], rows, {"kind": "hf"})
     with pytest.raises(QProbeError, match="line up"):  # features of the whole completions are refused
         train_file(tmp_path / "r.jsonl", tmp_path / "g.npy", tmp_path / "bad", prefix=True, objective="mse")
-    probe, n, _ = train_file(tmp_path / "r.jsonl", tmp_path / "f.npy", tmp_path / "probe", prefix=True,
+    probe, n, _, _ = train_file(tmp_path / "r.jsonl", tmp_path / "f.npy", tmp_path / "probe", prefix=True,
                              objective="mse")
     assert n == 24 and QProbe.load(tmp_path / "probe").prefix_ and probe.coef_[0] > 0
     bad = [{**rows[0], "prefix_chars": [4, 2]}]

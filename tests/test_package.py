@@ -101,7 +101,7 @@ def test_declared_dependencies_are_the_imported_ones():
 
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
-    import_name = {"scikit-learn": "sklearn"}  # distribution -> top-level module, where they differ
+    import_name = {"scikit-learn": "sklearn", "sse-starlette": "sse_starlette"}  # distribution -> top-level module, where they differ
 
     def names(text):
         return {import_name.get(n, n) for n in re.findall(r"^\s*([A-Za-z0-9_.-]+)", text, re.M)}

@@ -283,12 +283,19 @@ def test_import_qprobe_does_not_import_torch():
 
 # ce refuses rewards other than 0/1 by design; these two checks fit on labels {1, 2}
 _CE_REFUSES = "ce refuses rewards other than 0/1 by design; the check fits on labels {1, 2}"
+# sample_weight (added for demonstrations): the features' standardisation ignores the weights, so a
+# weight is not exactly a repeated row, and all-zero weights are refused with qprobe's own message
+_WEIGHTS = {"check_sample_weight_equivalence_on_dense_data": "standardisation is unweighted",
+            "check_all_zero_sample_weights_error": "refused with qprobe's own message"}
+_CE_WEIGHTS = {c: _CE_REFUSES for c in ("check_sample_weights_not_an_array", "check_sample_weights_shape",
+                                        "check_sample_weights_not_overwritten")}
 
 
 @parametrize_with_checks(
     [QProbe("mse"), QProbe("ce")],
     expected_failed_checks=lambda est: (
-        {"check_estimators_dtypes": _CE_REFUSES, "check_fit2d_1feature": _CE_REFUSES} if est.objective == "ce" else {}
+        ({"check_estimators_dtypes": _CE_REFUSES, "check_fit2d_1feature": _CE_REFUSES, **_CE_WEIGHTS}
+         if est.objective == "ce" else {}) | _WEIGHTS
     ),
 )
 def test_sklearn_estimator_checks(estimator, check):

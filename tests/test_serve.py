@@ -379,7 +379,7 @@ def _real_local_checks(url, model_name, probe, local_model):
 def test_local_tiny_model_batches_concurrent_requests(tiny_model_dir, tmp_path):
     from qprobe.embedders.hf import hf_identity
 
-    probe = fit_probe(64, hf_identity(tiny_model_dir, 2, "last"))
+    probe = fit_probe(64, hf_identity(tiny_model_dir, 2, "last", "float32"))
     probe.save(tmp_path / "probe")
     app = build(tmp_path / "probe", model=tiny_model_dir, served_model_name="tiny", server_api_key=KEY,
                 max_tokens=16)
