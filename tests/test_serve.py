@@ -396,7 +396,7 @@ def test_local_tiny_model_batches_concurrent_requests(tiny_model_dir, tmp_path):
 def test_local_smollm2_sync_async(tmp_path, smollm):
     from qprobe.embedders.hf import hf_identity
 
-    probe = fit_probe(576, hf_identity("smollm2-135m", 30, "last"))
+    probe = fit_probe(576, hf_identity("smollm2-135m", 30, "last", "float32"))
     probe.save(tmp_path / "probe")
     with BackgroundServer(build(tmp_path / "probe", server_api_key=KEY, max_tokens=16)) as srv:
         _real_local_checks(srv.url, "smollm2-135m", probe, "smollm2-135m")

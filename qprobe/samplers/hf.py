@@ -31,7 +31,7 @@ import numpy as np
 
 from qprobe.cache import make_key
 from qprobe.errors import QProbeError
-from qprobe.hfmodel import DEFAULT_MODEL, load_model, norm_layer, prompt_ids
+from qprobe.hfmodel import DEFAULT_MODEL, completion_ids, load_model, norm_layer, prompt_ids
 from qprobe.samplers.base import Sampler, SampleJob, row_seed
 from qprobe.samplers.guide import Guide, parse_every, prefix_points
 from qprobe.samplers.stops import truncate
@@ -440,7 +440,11 @@ class HFSampler(Sampler):
             for t in prefix_points(self._tok, s.ids[:kept], self.prefix_every)[:-1]:
                 pre = self._tok.decode(s.ids[:t], skip_special_tokens=True)
                 if text.startswith(pre) and (not points or len(pre) > len(points[-1][1])) and len(pre) < len(text):
-                    points.append((t, pre))  # a cut inside a multi-byte character is skipped
+                    # kept only where the text tokenizes back to the sampled tokens, so that its features
+                    # equal a separate forward pass on (prompt, prefix): a cut inside a multi-byte
+                    # character, or one the tokenizer would merge differently, is skipped
+                    if completion_ids(self._tok, pre) == list(s.ids[:t]):
+                        points.append((t, pre))
             points.append((kept, text))
             res["prefix_chars"] = [len(p) for _, p in points]
         feats = {}
