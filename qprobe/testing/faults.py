@@ -982,25 +982,6 @@ def hostile_round2(work, forgeries: bool = True) -> dict:
             "inputs_watched": len(before)}
 
 
-# ------------------------------------------------------------------ a tiny local model
-def tiny_model(out) -> str:
-    """A 2-layer random Llama with SmolLM2's tokenizer (context 512), saved to `out`."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from qprobe.hfmodel import resolve_model
-
-    path, extra = resolve_model("smollm2-135m")
-    tok = AutoTokenizer.from_pretrained(path, **extra)
-    tok.save_pretrained(out)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return str(out)
-
-
 # ------------------------------------------------------------------ the report
 
 
