@@ -51,3 +51,26 @@ def test_replay_refuses_a_folder_that_is_not_a_set(tmp_path):
     _write_set(tmp_path)
     with pytest.raises(QProbeError, match="no feature 'G'"):
         load_set(tmp_path, "G")
+
+
+def test_format_replay_names_each_policy(tmp_path):
+    from qprobe.demo import format_replay
+
+    _write_set(tmp_path)
+    text = format_replay(replay(tmp_path, "F", objectives=("mse",), folds=3, k=4, recheck=False,
+                                echo=lambda *_: None))
+    assert "base sampler" in text and "Q-probe" in text and "best-of-k oracle" in text
+
+
+@pytest.mark.slow
+def test_demo_part_one_runs_end_to_end(tmp_path):
+    """The README's first command, small: the live pipeline on the embedded default."""
+    from click.testing import CliRunner
+
+    from qprobe.cli import cli
+
+    r = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--train-tasks", "4", "--test-tasks", "2",
+                                 "-k", "2", "--max-new-tokens", "24", "--no-benchmark",
+                                 "--cache-dir", str(tmp_path / "cache")])
+    assert r.exit_code == 0, r.output
+    assert "best-of-k" in r.output and (tmp_path / "demo" / "chosen.jsonl").exists()
