@@ -27,3 +27,18 @@ def smollm():
     from qprobe.hfmodel import load_model
 
     return load_model("smollm2-135m", None, None)  # the same lru_cache key as the sampler and embedder use
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """Base URL of a real llama.cpp server (llama-cpp-python) on loopback; skipped without one,
+    failed instead when QPROBE_REQUIRE_SERVER is set (CI)."""
+    from qprobe.testing.servers import llama_server, llama_unavailable
+
+    reason = llama_unavailable()
+    if reason:
+        if os.environ.get("QPROBE_REQUIRE_SERVER"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with llama_server(tmp_path_factory.mktemp("llama") / "server.log") as base:
+        yield base

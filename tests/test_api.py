@@ -1,7 +1,6 @@
 """The OpenAI-compatible sampler and embedder: against a fault-injecting stub, and the real llama.cpp server."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -15,8 +14,7 @@ from qprobe.embedders.openai_api import OpenAIEmbedder, item_text
 from qprobe.errors import QProbeError
 from qprobe.samplers.base import row_seed
 from qprobe.samplers.openai_api import OpenAISampler
-from qprobe.testing.servers import (TRANSIENT, StubServer, completion_for, embedding_for, llama_server,
-                                     llama_unavailable, token_logprobs_for)
+from qprobe.testing.servers import TRANSIENT, StubServer, completion_for, embedding_for, token_logprobs_for
 
 FAST = dict(timeout=1.0, max_retries=6, backoff=0.01)  # stall faults hold 2.5 s, past the 1 s timeout
 PROMPTS = [
@@ -194,15 +192,6 @@ def test_import_qprobe_does_not_import_openai():
 
 
 # ------------------------------------------------------------------ the real llama.cpp server
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    reason = llama_unavailable()
-    if reason:
-        if os.environ.get("QPROBE_REQUIRE_SERVER"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    with llama_server(tmp_path_factory.mktemp("llama") / "server.log") as base:
-        yield base
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import threading
 import time
@@ -28,7 +27,7 @@ from qprobe.serve.backends import Backend, Candidate  # noqa: E402
 from qprobe.serve.protocol import pieces  # noqa: E402
 from qprobe.serve.rerank import choose  # noqa: E402
 from qprobe.select import kl_to_base, softmax_weights  # noqa: E402
-from qprobe.testing.servers import StubServer, embedding_for, llama_server, llama_unavailable  # noqa: E402
+from qprobe.testing.servers import StubServer, embedding_for  # noqa: E402
 
 DIM = 8
 KEY = "sk-test-token"
@@ -403,15 +402,6 @@ def test_local_smollm2_sync_async(tmp_path, smollm):
 
 
 # ------------------------------------------------------------------ llama.cpp's server as upstream
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    reason = llama_unavailable()
-    if reason:
-        if os.environ.get("QPROBE_REQUIRE_SERVER"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    with llama_server(tmp_path_factory.mktemp("llama") / "server.log") as base:
-        yield base
 
 
 @pytest.mark.slow

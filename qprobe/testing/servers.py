@@ -318,6 +318,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_models(proc, base: str, log_path, timeout: float, what: str, tail: int, poll: float) -> None:
+    """Wait until ``base``/models answers 200; raise with the log's tail if ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            end = Path(log_path).read_text(errors="replace")[-tail:]
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{end}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(base + "/models", timeout=2) as r:
+                if r.status == 200:
+                    return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer {base}/models within {timeout:g} s")
+        time.sleep(poll)
+
+
 @contextlib.contextmanager
 def llama_server(log_path: str | os.PathLike, timeout: float = 90.0, n_ctx: int = 4096) -> Iterator[str]:
     """Run the llama.cpp OpenAI-compatible server; yield its base URL (``http://127.0.0.1:PORT/v1``)."""
@@ -328,18 +344,7 @@ def llama_server(log_path: str | os.PathLike, timeout: float = 90.0, n_ctx: int 
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                tail = Path(log_path).read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"llama.cpp server exited with {proc.returncode}:\n{tail}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(base + "/models", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"llama.cpp server did not answer {base}/models within {timeout:g} s")
-            time.sleep(0.5)
+        _wait_for_models(proc, base, log_path, timeout, "llama.cpp server", tail=2000, poll=0.5)
         yield base
     finally:
         proc.terminate()
@@ -386,18 +391,7 @@ def vllm_server(kind: str, log_path: str | os.PathLike, timeout: float | None = 
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                tail = Path(log_path).read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"vLLM {kind} server exited with {proc.returncode}:\n{tail}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(base + "/models", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM {kind} server did not answer {base}/models within {timeout:g} s")
-            time.sleep(1)
+        _wait_for_models(proc, base, log_path, timeout, f"vLLM {kind} server", tail=3000, poll=1.0)
         yield base
     finally:
         import signal
