@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from qprobe.cache import Cache, make_key
+from qprobe.cachedmap import cached_map
 from qprobe.errors import QProbeError
 from qprobe.io import (
     check_features_output,
@@ -128,19 +129,14 @@ def reward_file(src, dst, kind: str, cache: Cache | None = None, workers=None, t
     rows = read_completions(src)
     identity = {"reward": kind, "timeout": timeout, "version": REWARDS_VERSION}  # new version: old cached scores unused
     keys = [make_key(identity, {k: v for k, v in r.items() if k not in ("reward", "reward_reason")}) for r in rows]
-    cache = cache if cache is not None else Cache.null()  # not `cache or`: an empty Cache has len 0
-    done = cache.get_json(set(keys))
-    todo = [i for i, key in enumerate(keys) if key not in done]
-    from tqdm.auto import tqdm
 
-    with tqdm(total=len(rows), initial=len(rows) - len(todo), desc="reward", unit="row", disable=not progress) as bar:
-        for s in range(0, len(todo), chunk):
-            idx = todo[s : s + chunk]
+    def compute(pending: list[int]):
+        for s in range(0, len(pending), chunk):  # a chunk of programs on the pool, cached together
+            idx = pending[s : s + chunk]
             scores = score_rows([rows[i] for i in idx], kind, workers=workers, timeout=timeout, progress=False)
-            new = {keys[i]: [float(r), str(why)] for i, (r, why) in zip(idx, scores)}
-            cache.put_json(new)
-            done.update(new)
-            bar.update(len(idx))
+            yield [(i, [float(r), str(why)]) for i, (r, why) in zip(idx, scores)]
+
+    done, _ = cached_map(keys, compute, cache, desc="reward", unit="row", progress=progress)
     out = []
     for r, key in zip(rows, keys):
         reward, reason = done[key]

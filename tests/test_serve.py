@@ -356,8 +356,8 @@ def _real_local_checks(url, model_name, probe, local_model):
     assert r.choices[0].message.content == info["candidates"][chosen]["text"]
     direct = HFSampler(local_model, temperature=0.8, top_p=0.95, max_new_tokens=12, capture=[(-1, "last")])
     res = dict(direct.sample_stream([SampleJob(msgs, i, row_seed(1, "serve", i)) for i in range(3)]))
-    assert [c["text"] for c in info["candidates"]] == [res[i]["completion"] for i in range(3)]
-    X = np.stack([next(iter(res[i]["_features"].values())) for i in range(3)])
+    assert [c["text"] for c in info["candidates"]] == [res[i].completion for i in range(3)]
+    X = np.stack([res[i].features[0].vector for i in range(3)])
     np.testing.assert_allclose([c["q"] for c in info["candidates"]], probe.predict(X), rtol=1e-4, atol=1e-4)
     assert chosen == int(np.argmax(probe.predict(X)))
     assert r.usage.prompt_tokens > 5 and r.usage.completion_tokens >= 3

@@ -1,6 +1,6 @@
 """The embedder extension point: subclasses implement `embed_batch` only.
 
-Batching, the on-disk cache, progress bars and shape checks live here, once.
+Batching and shape checks live here; the cache, resume and progress are `qprobe.cachedmap`'s.
 A backend never sees the cache and never prints.
 """
 from __future__ import annotations
@@ -8,9 +8,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
-
-from qprobe.cache import Cache, NullCache, make_key
+from qprobe.cache import Cache, make_key
+from qprobe.cachedmap import cached_map
 from qprobe.errors import QProbeError
 from qprobe.pool import map_unordered
 
@@ -64,25 +63,13 @@ class Embedder:
         Cached items are not recomputed; every finished batch is committed to the
         cache at once, so a killed run resumes where it stopped.
         """
-        cache = cache if cache is not None else NullCache()
         bs = batch_size or self.batch_size
         keys = [self.cache_key(p, c) for p, c in items]
-        found = cache.get_vectors(set(keys))
-        todo = [i for i, k in enumerate(keys) if k not in found]
-        # embed each distinct missing key once
-        first: dict[str, int] = {}  # key -> first item index needing it
-        for i in todo:
-            first.setdefault(keys[i], i)
-        # similar lengths batch together: less padding for local models
-        pending = sorted(first.values(), key=lambda i: len(str(items[i][0])) + len(items[i][1]))
         # A backend with `concurrency` > 1 (an API) gets its batch in that many parts on as many
         # threads, and each part is cached as soon as it is back: a killed run never repeats a
         # request that had finished.
         workers = max(1, int(getattr(self, "concurrency", 1)))
         step = max(1, -(-bs // workers))
-        batches = [pending[s : s + step] for s in range(0, len(pending), step)]
-        self.n_computed = len(pending)
-        n_cached = len(items) - len(todo)
 
         def run(idx: list[int]) -> np.ndarray:
             out = np.asarray(self.embed_batch([items[i] for i in idx]), dtype=np.float32)
@@ -94,25 +81,17 @@ class Embedder:
                 raise QProbeError(f"{self.identity().get('model')}: embedder returned NaN or infinite features")
             return out
 
-        with tqdm(total=len(items), initial=n_cached, desc=desc, unit="row", disable=not progress, leave=False) as bar:
-            def commit(idx: list[int], out: np.ndarray) -> None:
-                nonlocal n_cached
-                new = {keys[i]: out[j] for j, i in enumerate(idx)}
-                cache.put_vectors(new)
-                found.update(new)
-                n = sum(1 for i in todo if keys[i] in new)
-                n_cached += n
-                bar.update(n)
+        def compute(pending: list[int]):
+            batches = [pending[s : s + step] for s in range(0, len(pending), step)]
+            # after the first failure no further batch starts; batches already running finish
+            # and are committed, then the failure is raised
+            for idx, out in map_unordered(run, ((idx, idx) for idx in batches), workers, "qprobe-embed"):
+                yield list(zip(idx, out))
 
-            try:
-                # after the first failure no further batch starts; batches already running finish
-                # and are committed (here, in this thread), then the failure is raised
-                for idx, out in map_unordered(run, ((idx, idx) for idx in batches), workers, "qprobe-embed"):
-                    commit(idx, out)
-            except QProbeError as e:
-                if n_cached and not isinstance(cache, NullCache):
-                    raise QProbeError(f"{e} [{n_cached} of {len(items)} rows are cached; rerun to resume]") from None
-                raise
+        # similar lengths batch together: less padding for local models
+        found, self.n_computed = cached_map(keys, compute, cache, vectors=True, desc=desc, unit="row",
+                                            progress=progress, leave=False,
+                                            order=lambda i: len(str(items[i][0])) + len(items[i][1]))
         if not items:
             return np.zeros((0, 0), dtype=np.float32)
         dims = {found[k].shape[0] for k in keys}

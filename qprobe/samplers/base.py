@@ -1,18 +1,19 @@
 """The sampler extension point: subclasses implement `sample_stream` only.
 
-The base class owns the cache (a finished completion is never requested twice,
-and a killed run resumes), the progress bar and the assembly of completion rows.
+A backend yields `Sample` results (or plain dicts with the same fields). The base class
+assembles completion rows and stores features taken during sampling under their
+embedder's own keys; the cache, resume and progress are `qprobe.cachedmap`'s.
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from tqdm.auto import tqdm
+import numpy as np
 
 from qprobe.cache import Cache, NullCache, make_key
-from qprobe.errors import QProbeError
+from qprobe.cachedmap import cached_map
 
 Prompt = Any  # a string, or a list of {"role", "content"} chat messages
 
@@ -24,6 +25,47 @@ class SampleJob:
     prompt: Prompt
     sample: int
     seed: int
+
+
+@dataclass(frozen=True)
+class Captured:
+    """Features of (prompt, completion) taken during sampling, as `embedder` would compute them.
+
+    `embedder` is any object with ``cache_key(prompt, completion)`` (an `Embedder`): the
+    vector is stored under that key, so a later `embed` with the same embedder finds it.
+    """
+
+    embedder: Any
+    prompt: Prompt
+    completion: str
+    vector: np.ndarray
+
+
+@dataclass
+class Sample:
+    """One drawn completion, as a backend returns it.
+
+    `fields` holds what a backend reports beyond the text: ``n_tokens`` and
+    ``token_logprobs`` (log p of each sampled token at temperature 1), ``prefix_chars``,
+    ``n_generated``. `features` are the sampling pass's features (local models only).
+    """
+
+    completion: str
+    finish_reason: str | None = None
+    fields: dict = field(default_factory=dict)
+    features: list[Captured] = field(default_factory=list)
+
+    def row(self) -> dict:
+        """The JSON fields of a completion row (what is cached and written)."""
+        return {"completion": self.completion, "finish_reason": self.finish_reason, **self.fields}
+
+    @classmethod
+    def of(cls, result: "Sample | dict") -> "Sample":
+        """A backend's result as a `Sample` (a plugin may yield plain dicts)."""
+        if isinstance(result, Sample):
+            return result
+        d = dict(result)
+        return cls(d.pop("completion"), d.pop("finish_reason", None), d)
 
 
 def row_seed(seed: int, prompt_id: Any, sample: int) -> int:
@@ -39,12 +81,12 @@ class Sampler:
         """Model and every setting that changes the output distribution."""
         raise NotImplementedError
 
-    def sample_stream(self, jobs: Sequence[SampleJob]) -> Iterator[tuple[int, dict]]:
-        """Yield (job index, result) as each finishes, in any order.
+    def sample_stream(self, jobs: Sequence[SampleJob]) -> Iterator[tuple[int, Sample]]:
+        """Yield (job index, `Sample`) as each finishes, in any order. The one method a backend writes.
 
-        result: {"completion": str, "finish_reason": str, ...}. The one method a backend writes.
         Results that finish together (one API request) may be yielded as one list of
-        (job index, result) pairs; they are then cached atomically.
+        (job index, result) pairs; they are then cached atomically. A plain dict with
+        ``completion`` and ``finish_reason`` may stand for a `Sample`.
         """
         raise NotImplementedError
 
@@ -73,41 +115,26 @@ class Sampler:
             for s in range(k)
         ]
         keys = [self.cache_key(j) for j in jobs]
-        done = cache.get_json(set(keys))
-        first: dict[str, int] = {}  # key -> first job needing it
-        for i, key in enumerate(keys):
-            if key not in done:
-                first.setdefault(key, i)
-        pending = list(first.values())
-        self.n_computed = 0
-        with tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="sample", unit="completion", disable=not progress) as bar:
-            try:
-                for item in self.sample_stream([jobs[i] for i in pending]) if pending else ():
-                    # a backend may yield a list of (index, result) that came back together (one API
-                    # request with n > 1): they are cached in one transaction, so a kill never keeps
-                    # half of a finished request
-                    group = item if isinstance(item, list) else [item]
-                    new, feats = {}, {}
-                    for local, result in group:
-                        feats.update(result.pop("_features", None) or {})  # features taken during sampling
-                        new[keys[pending[local]]] = result
-                    if feats:
-                        cache.put_vectors(feats)
-                    cache.put_json(new)
-                    done.update(new)
-                    self.n_computed += len(new)
-                    bar.update(len(new))
-            except QProbeError as e:
-                n_cached = len(jobs) - len(pending) + self.n_computed
-                if n_cached and not isinstance(cache, NullCache):
-                    raise QProbeError(
-                        f"{e} [{n_cached} of {len(jobs)} completions are cached; rerun to resume]") from None
-                raise
+
+        def compute(pending: list[int]):
+            for item in self.sample_stream([jobs[i] for i in pending]):
+                # a backend may yield a list of (index, result) that came back together (one API
+                # request with n > 1): they are cached in one transaction, so a kill never keeps
+                # half of a finished request
+                group = []
+                for local, result in item if isinstance(item, list) else [item]:
+                    res = Sample.of(result)
+                    if res.features:  # before the row: a row in the cache means its features are too
+                        cache.put_vectors({c.embedder.cache_key(c.prompt, c.completion): c.vector
+                                           for c in res.features})
+                    group.append((pending[local], res.row()))
+                yield group
+
+        done, self.n_computed = cached_map(keys, compute, cache, desc="sample", unit="completion", progress=progress)
         out = []
         for (row, s), key in zip(((r, s) for r in prompt_rows for s in range(k)), keys):
-            res = done[key]
             # the backend's fields (completion, finish_reason, and where it has them n_tokens, token_logprobs)
-            out.append({**row, "sample": s, "finish_reason": None, **res})
+            out.append({**row, "sample": s, "finish_reason": None, **done[key]})
         return out
 
 

@@ -29,10 +29,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from qprobe.cache import make_key
 from qprobe.errors import QProbeError
 from qprobe.hfmodel import DEFAULT_MODEL, completion_ids, load_model, norm_layer, prompt_ids
-from qprobe.samplers.base import Sampler, SampleJob, row_seed
+from qprobe.samplers.base import Captured, Sample, Sampler, SampleJob, row_seed
 from qprobe.samplers.guide import Guide, parse_every, prefix_points
 from qprobe.samplers.stops import truncate
 
@@ -179,7 +178,7 @@ class HFSampler(Sampler):
         return si.gather(1, pick)[:, 0].tolist()
 
     # ------------------------------------------------------------------ main loop
-    def sample_stream(self, jobs: Sequence[SampleJob]) -> Iterator[tuple[int, dict]]:
+    def sample_stream(self, jobs: Sequence[SampleJob]) -> Iterator[tuple[int, Sample]]:
         import torch
 
         model, tok = load_model(self.model, self.device, self.dtype)
@@ -352,7 +351,7 @@ class HFSampler(Sampler):
         batch.select([r for r in range(len(batch.slots)) if r not in others])
         if win.done:
             job, res = self._result(win, self._jobs[j].prompt, *win.done)
-            res["n_generated"] = g.n_fed
+            res.fields["n_generated"] = g.n_fed
             del self._guided[j]
             yield job, res
             return
@@ -424,16 +423,10 @@ class HFSampler(Sampler):
         st = torch.stack([x[li] for x in s.states[:n]]) if n else None
         return np.asarray(pool_states(st, s.prompt_state[li], pooling), dtype=np.float32)
 
-    def _result(self, s: _Slot, prompt, text: str, kept: int, reason: str) -> tuple[int, dict]:
-        res = {"completion": text, "finish_reason": reason, "n_tokens": kept,
-               "token_logprobs": [round(float(x), 4) for x in s.logprobs[:kept]]}
+    def _result(self, s: _Slot, prompt, text: str, kept: int, reason: str) -> tuple[int, Sample]:
+        res = Sample(text, reason, {"n_tokens": kept, "token_logprobs": [round(float(x), 4) for x in s.logprobs[:kept]]})
         if not self.capture:
             return s.job, res
-        from qprobe.embedders.hf import hf_identity
-        from qprobe.hfmodel import dtype_name
-
-        dtype = dtype_name(self.device, self.dtype)
-
         points = [(kept, text)]  # (tokens, text) of each prefix whose features are kept
         if self.prefix_every is not None:
             points = []
@@ -446,15 +439,20 @@ class HFSampler(Sampler):
                     if completion_ids(self._tok, pre) == list(s.ids[:t]):
                         points.append((t, pre))
             points.append((kept, text))
-            res["prefix_chars"] = [len(p) for _, p in points]
-        feats = {}
-        for (layer_arg, pooling), layer in zip(self.capture, self._cap_layers):
+            res.fields["prefix_chars"] = [len(p) for _, p in points]
+        for emb, layer in zip(self.capture_embedders(), self._cap_layers):
             li = self._layers.index(layer)
-            for t, pre in points:
-                key = make_key(hf_identity(self.model, layer, pooling, dtype), [prompt, pre])
-                feats[key] = self._pooled(s, li, t, pooling)
-        res["_features"] = feats
+            res.features += [Captured(emb, prompt, pre, self._pooled(s, li, t, emb.pooling)) for t, pre in points]
         return s.job, res
+
+    def capture_embedders(self) -> list:
+        """The `HFEmbedder` whose features each `capture` entry equals (it owns their cache keys)."""
+        if getattr(self, "_cap_embedders", None) is None:
+            from qprobe.embedders.hf import HFEmbedder
+
+            self._cap_embedders = [HFEmbedder(self.model, layer, pooling, device=self.device, dtype=self.dtype)
+                                   for layer, pooling in self.capture]
+        return self._cap_embedders
 
 
 def _token_logprobs(logits, ids) -> list[float]:

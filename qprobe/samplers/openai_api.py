@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 from qprobe.apiclient import ApiClient, BadResponse
 from qprobe.pool import TaskPool
 from qprobe.errors import QProbeError
-from qprobe.samplers.base import Sampler, SampleJob
+from qprobe.samplers.base import Sample, Sampler, SampleJob
 
 MAX_N = 128  # OpenAI's cap on `n`
 
@@ -157,16 +157,14 @@ class OpenAISampler(Sampler):
         out = []
         for c in choices[: len(jobs)]:
             text = c["text"] if "text" in c else (c["message"].get("content") or "")
-            res = {"completion": text, "finish_reason": c.get("finish_reason")}
             lps = _token_logprobs(c.get("logprobs"))
-            if lps is not None:
-                res.update(n_tokens=len(lps), token_logprobs=lps)
-            out.append(res)
+            out.append(Sample(text, c.get("finish_reason"),
+                              {} if lps is None else {"n_tokens": len(lps), "token_logprobs": lps}))
         return out
 
     # ------------------------------------------------------------------ the stream
-    def sample_stream(self, jobs: Sequence[SampleJob]) -> Iterator[tuple[int, dict]]:
-        """Yield (job index, {"completion", "finish_reason"}) as requests finish.
+    def sample_stream(self, jobs: Sequence[SampleJob]) -> Iterator[list[tuple[int, Sample]]]:
+        """Yield one list of (job index, `Sample`) per request as requests finish.
 
         Raises
         ------

@@ -264,9 +264,9 @@ class LocalBackend(Backend):
             for item in stream:
                 for j, res in item if isinstance(item, list) else [item]:
                     w, i = owner[j]
-                    feats = list((res.get("_features") or {}).values())
-                    w.results[i] = Candidate(res["completion"], res.get("finish_reason") or "stop",
-                                             feats[0] if feats else None, res.get("n_tokens"))
+                    w.results[i] = Candidate(res.completion, res.finish_reason or "stop",
+                                             res.features[0].vector if res.features else None,
+                                             res.fields.get("n_tokens"))
                     w.left -= 1
                     if w.left == 0:
                         w.settle(w.results)
@@ -360,7 +360,7 @@ class UpstreamBackend(Backend):
         try:
             for item in s.sample_stream(jobs):
                 for j, res in item if isinstance(item, list) else [item]:
-                    out[j] = Candidate(res["completion"], res.get("finish_reason") or "stop")
+                    out[j] = Candidate(res.completion, res.finish_reason or "stop")
                 if gone.is_set():
                     raise ServeError(499, "request cancelled")
         except QProbeError as e:
