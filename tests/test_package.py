@@ -18,11 +18,13 @@ def _modules_after(code: str) -> set[str]:
     return set(out.split())
 
 
+@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
 def test_import_qprobe_does_not_import_heavy_backends():
     mods = _modules_after("import qprobe")
     assert not [m for m in HEAVY if m in mods]
 
 
+@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
 def test_cli_help_does_not_import_heavy_backends():
     code = ("import sys; sys.argv = ['qprobe', '--help']\nfrom qprobe import cli\ntry:\n    cli.main()\nexcept SystemExit:\n    pass")
     mods = _modules_after(code)
@@ -37,6 +39,7 @@ def _installed_qprobe() -> str:
     return found
 
 
+@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
 def test_checkout_cli_module_and_installed_command_are_the_same_program():
     runs = {
         "cli.py": [sys.executable, "cli.py", "--help"],

@@ -450,6 +450,7 @@ def test_non_root_caller(which):
     "import os\nwhile True:\n    os.fork()",
     "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
 ], ids=["fork-bomb", "fork-bomb-that-retries"])
+@pytest.mark.slow  # seconds per case: the full lane
 def test_fork_bomb_is_contained(backend, program):
     _needs_root_for(backend)
     t0 = time.monotonic()

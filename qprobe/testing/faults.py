@@ -681,7 +681,33 @@ def empty_completions(work, model_dir: str | None = None) -> list[dict]:
 
 # ------------------------------------------------------------------ a tiny local model
 def tiny_model(out) -> str:
-    """A 2-layer random Llama with SmolLM2's tokenizer (context 512), saved to `out`."""
+    """A 2-layer random Llama with SmolLM2's tokenizer (context 512), saved to `out`.
+
+    Deterministic (seed 0), so it is built once per transformers version and copied from
+    ``$QPROBE_CACHE/testing/`` after that: reading the tokenizer out of the GGUF is most of
+    the cost (about 10 s here).
+    """
+    import shutil
+    from pathlib import Path
+
+    import transformers
+
+    from qprobe.cache import DEFAULT_CACHE_DIR
+
+    kept = DEFAULT_CACHE_DIR / "testing" / f"tiny-llama-v1-transformers-{transformers.__version__}"
+    if not (kept / "config.json").exists():
+        tmp = kept.with_name(f"{kept.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _build_tiny_model(tmp)
+        try:
+            tmp.rename(kept)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(kept, out, dirs_exist_ok=True)
+    return str(Path(out))
+
+
+def _build_tiny_model(out) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -695,7 +721,6 @@ def tiny_model(out) -> str:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(out)
-    return str(out)
 
 
 # ------------------------------------------------------------------ scenario: hostile inputs, round 2 (issue 16)
