@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,6 +56,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--engines", default="local,llama,vllm")
     ap.add_argument("--batch-size", type=int, default=96, help="local sampler's batch")
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight to a server")
+    ap.add_argument("--log-dir", default=str(ROOT / "runs" / "bench_engines"), help="servers' logs")
     ap.add_argument("--vllm-threads", default=None,
                     help="VLLM_CPU_OMP_THREADS_BIND for the vLLM server, e.g. 0-1 (vLLM's default keeps one core "
                          "for its front end on a 2-core machine)")
@@ -69,7 +69,8 @@ def main(argv=None) -> dict:
            "engines": {}}
     for engine in args.engines.split(","):
         with contextlib.ExitStack() as stack:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory())
+            tmp = Path(args.log_dir)
+            tmp.mkdir(parents=True, exist_ok=True)
             if engine == "local":
                 from qprobe.samplers.hf import HFSampler
 

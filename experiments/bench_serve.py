@@ -13,7 +13,8 @@ official async openai client. Prints:
      prompts, seeds and settings drawn by `HFSampler` directly (no features, no
      probe, no HTTP), one request at a time, against the server at concurrency 1.
      With the same seeds both draw the same tokens, so the difference is HTTP,
-     feature capture, scoring and the choice.
+     feature capture, scoring and the choice; a third run, the sampler keeping the
+     probe's features, separates the capture's share.
 """
 from __future__ import annotations
 
@@ -64,12 +65,13 @@ async def drive(url: str, model: str, msgs: list, conc: int, k: int, max_tokens:
             "p95": pct(lat, 95), "wall": wall}
 
 
-def plain_sampling(model: str, msgs: list, k: int, max_tokens: int, temperature: float, top_p: float) -> list[float]:
+def plain_sampling(model: str, msgs: list, k: int, max_tokens: int, temperature: float, top_p: float,
+                   capture=None) -> list[float]:
     """Seconds per prompt for k candidates drawn by HFSampler directly, with the server's seeds."""
     from qprobe.samplers.base import SampleJob, row_seed
     from qprobe.samplers.hf import HFSampler
 
-    s = HFSampler(model, temperature=temperature, top_p=top_p, max_new_tokens=max_tokens)
+    s = HFSampler(model, temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, capture=capture)
     out = []
     for i, m in enumerate(msgs):
         jobs = [SampleJob(m, j, row_seed(i, "serve", j)) for j in range(k)]
@@ -92,8 +94,8 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from qprobe.embedders.hf import hf_identity
-    from qprobe.hfmodel import config_layers, load_model
+    from qprobe.embedders.hf import HFEmbedder
+    from qprobe.hfmodel import load_model
     from qprobe.probe import QProbe
     from qprobe.serve import BackgroundServer, build
 
@@ -106,7 +108,7 @@ def main(argv=None) -> dict:
     temperature, top_p = 0.8, 0.95
     levels = [int(c) for c in a.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        probe.save(Path(tmp) / "probe", embedder=hf_identity(a.model, config_layers(a.model), "last"))
+        probe.save(Path(tmp) / "probe", embedder=HFEmbedder(a.model, -1, "last").identity())
         app = build(Path(tmp) / "probe", model=a.model, k=a.k, max_tokens=a.max_tokens, temperature=temperature,
                     top_p=top_p, max_queue=max(64, max(levels)), batch_size=64)
         with BackgroundServer(app) as srv:
@@ -117,6 +119,7 @@ def main(argv=None) -> dict:
                 print(f"# concurrency {c}: {runs[-1]['rps']:.3f} requests/s", file=sys.stderr, flush=True)
             batches = app.state.backend.n_batches
     plain = plain_sampling(a.model, msgs, a.k, a.max_tokens, temperature, top_p)
+    captured = plain_sampling(a.model, msgs, a.k, a.max_tokens, temperature, top_p, capture=[(-1, "last")])
     c1 = next((r for r in runs if r["concurrency"] == 1), None)
     lines = [
         f"# python experiments/bench_serve.py {' '.join(argv or [])}".rstrip(),
@@ -128,12 +131,15 @@ def main(argv=None) -> dict:
         lines.append(f"{r['concurrency']:>11} {r['rps']:>11.3f} {r['p50']:>8.2f} {r['p95']:>8.2f}")
     lines.append(f"sampler batches for {sum(r['requests'] for r in runs) + 1} requests: {batches}")
     report = {"model": a.model, "k": a.k, "max_tokens": a.max_tokens, "levels": runs,
-              "plain_p50": statistics.median(plain), "plain_mean": statistics.mean(plain)}
+              "plain_p50": statistics.median(plain), "plain_mean": statistics.mean(plain),
+              "capture_p50": statistics.median(captured), "capture_mean": statistics.mean(captured)}
     if c1:
         over = c1["p50"] / report["plain_p50"] - 1
         report["rerank_overhead_p50"] = over
         lines.append(f"plain sampling, same prompts/seeds/k, no features/probe/HTTP: p50 {report['plain_p50']:.2f} s, "
                      f"mean {report['plain_mean']:.2f} s per request")
+        lines.append(f"the same, keeping the probe's features (capture): p50 {report['capture_p50']:.2f} s, "
+                     f"mean {report['capture_mean']:.2f} s per request")
         lines.append(f"served with reranking at concurrency 1: p50 {c1['p50']:.2f} s -> overhead {over:+.1%}")
     print("\n".join(lines))
     if a.json:

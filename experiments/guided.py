@@ -78,7 +78,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     import torch
 
-    from qprobe.embedders.hf import hf_identity
+    from qprobe.embedders.hf import HFEmbedder
     from qprobe.rewards import score_rows
     from qprobe.samplers.hf import HFSampler
 
@@ -104,7 +104,7 @@ def main(argv=None):
         saved.parent.mkdir(parents=True, exist_ok=True)
         np.savez(saved, X=Xp, y=yp, g=gp)
     value = fit(Xp, yp, gp)
-    value.embedder_, value.prefix_ = hf_identity(a.model, layer, "last"), True
+    value.embedder_, value.prefix_ = HFEmbedder(a.model, -1, "last", device=a.device, dtype=a.dtype).identity(), True
     t_probe = time.time() - t0
 
     test, xf = mbpp_data.load("test", model=a.model)

@@ -81,7 +81,8 @@ def demo_features(model, items, check_rows=None, check_X=None):
 OBJECTIVES = ["mse", "ce", "pg"]
 TRANSFORMS = ["calibrated", "calibrated-exp:5"]
 LOOP_RULES = [("optimism", 1.0), ("optimism", 0.1), ("greedy", 0.0), ("uniform", 0.0)]
-LOOP_ALPHA = 1e4  # the ridge penalty CV chose on all of train (experiments/mbpp_table.py), fixed in the loop
+# the ridge penalty CV chose on all of train (experiments/mbpp_table.py), fixed in the loop
+LOOP_ALPHA = {"smollm2-135m": 1e4, "qwen2.5-coder-0.5b": 1e3}
 LOOP_BUDGET = 50
 LOOP_ROUNDS = 20  # 1,000 labels of the 3,712: where the rules differ
 
@@ -150,16 +151,16 @@ def summarise(runs, base_runs=None):
     return out
 
 
-def loop_part(X, y, g, tr, te, seeds, rounds):
+def loop_part(X, y, g, tr, te, seeds, rounds, alpha):
     from qprobe.loop import argmax_pass1, labels_to_reach, run_loop
     import tempfile
 
-    full = QProbe("mse", alpha=LOOP_ALPHA).fit(X[tr], y[tr]).predict(X[te])
+    full = QProbe("mse", alpha=alpha).fit(X[tr], y[tr]).predict(X[te])
     base = float(selection_report(np.zeros(te.sum()), y[te], g[te], 0.0)["base_reward"])
     full_p = argmax_pass1(full, y[te], g[te])
     targets = {"90%": base + 0.9 * (full_p - base), "100%": full_p}
     out = {"base": base, "full_labels": int(tr.sum()), "full_pass1": full_p, "targets": targets,
-           "budget": LOOP_BUDGET, "alpha": LOOP_ALPHA, "rules": {}}
+           "budget": LOOP_BUDGET, "alpha": alpha, "rules": {}}
 
     def evaluate(q):
         return {"pass1": argmax_pass1(q[te], y[te], g[te])}
@@ -170,7 +171,7 @@ def loop_part(X, y, g, tr, te, seeds, rounds):
             per_seed = []
             for seed in range(seeds):
                 recs = run_loop(X, g, tr, evaluate, lambda i: y[i], Path(tmp) / f"{rule}-{c}-{seed}.json", rounds,
-                                LOOP_BUDGET, rule=rule, objective="mse", probe_params={"alpha": LOOP_ALPHA},
+                                LOOP_BUDGET, rule=rule, objective="mse", probe_params={"alpha": alpha},
                                 seed=seed, c=c)
                 per_seed.append({"reach": {t: labels_to_reach(recs, v) for t, v in targets.items()},
                                  "positives_500": next(r["positives"] for r in recs if r["labels"] >= 500),
@@ -273,7 +274,7 @@ def main():
                 print(f"{tf} {obj}: {res['transforms'][tf][obj]['pass1']}", file=sys.stderr, flush=True)
         write(out_path, res)
     if "loop" in parts:
-        res["loop"] = loop_part(X, y, g, tr, te, args.loop_seeds, LOOP_ROUNDS)
+        res["loop"] = loop_part(X, y, g, tr, te, args.loop_seeds, LOOP_ROUNDS, LOOP_ALPHA[args.model])
     res["seconds_last_run"] = round(time.time() - t0)
     write(out_path, res)
     print_table(res)

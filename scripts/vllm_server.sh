@@ -74,11 +74,14 @@ EOF
 
 serve() {
     [ -f "$VLLM_MODEL/config.json" ] || model >/dev/null
-    # a 1 GiB KV cache, and eager mode (no torch.compile at start-up): a small model on a few cores
+    # a 1 GiB KV cache, and eager mode (no torch.compile at start-up): a small model on a few cores.
+    # No chunked prefill: on the CPU build a seeded request (qprobe sends a seed per row) whose
+    # prefill is split across steps kills the engine ("CPU Generator does not use offset": the
+    # rewind of a discarded token calls a CUDA-only generator method; seen with 24 prompts x n=4).
     export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
     exec "$VPY" -m vllm.entrypoints.openai.api_server --model "$VLLM_MODEL" \
         --served-model-name "$SERVED_NAME" --host 127.0.0.1 --dtype float32 --max-model-len 2048 \
-        --enforce-eager "$@"
+        --enforce-eager --no-enable-chunked-prefill "$@"
 }
 
 case "${1:-}" in
