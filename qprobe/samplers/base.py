@@ -14,6 +14,7 @@ import numpy as np
 
 from qprobe.cache import Cache, NullCache, make_key
 from qprobe.cachedmap import cached_map
+from qprobe.errors import QProbeError
 
 Prompt = Any  # a string, or a list of {"role", "content"} chat messages
 
@@ -65,6 +66,8 @@ class Sample:
         if isinstance(result, Sample):
             return result
         d = dict(result)
+        if not isinstance(d.get("completion"), str):
+            raise QProbeError(f"a sampler returned a result without a 'completion' string (fields: {sorted(d)})")
         return cls(d.pop("completion"), d.pop("finish_reason", None), d)
 
 
