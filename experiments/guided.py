@@ -115,6 +115,13 @@ def main(argv=None):
     prompts = [{k: v for k, v in test[by_pid[p][0]].items()
                 if k not in ("sample", "completion", "finish_reason", "n_tokens", "token_logprobs", "reward",
                              "reward_reason", "chunk")} for p in pids]
+    if any("n_tokens" not in test[i] for p in pids for i in by_pid[p]):  # older sets: count with the tokenizer
+        from qprobe.hfmodel import completion_ids, load_model
+
+        tok = load_model(a.model, a.device, a.dtype)[1]
+        for p in pids:
+            for i in by_pid[p]:
+                test[i].setdefault("n_tokens", len(completion_ids(tok, test[i]["completion"])))
     tok_per_sample = np.mean([test[i]["n_tokens"] for p in pids for i in by_pid[p]])
     q = final.predict(Xt)
 
