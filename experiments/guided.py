@@ -42,8 +42,10 @@ def prefix_features(model, rows, every, device=None, dtype=None):
 
     m, tok = load_model(model, device, dtype)
     X, y, g = [], [], []
+    from tqdm.auto import tqdm
+
     with torch.inference_mode():
-        for r in rows:
+        for r in tqdm(rows, desc="prefix features", unit="row"):
             p, c = prompt_ids(tok, r["prompt"]), completion_ids(tok, r["completion"])
             hs = m.get_decoder()(input_ids=torch.tensor([p + c], device=m.device)).last_hidden_state[0]  # after the final norm
             for t in prefix_points(tok, c, every):
