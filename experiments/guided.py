@@ -3,7 +3,7 @@
     python experiments/guided.py [--model smollm2-135m] [--limit 24] [--train-rows 600] [--json]
 
 1. A prefix value probe: committed train+validation samples of the model (data/<model>/), a
-   subset (every passing row, then failing rows up to --train-rows), cut every --every tokens;
+   subset of --train-rows (passing rows, at most half of them, then failing rows), cut every --every tokens;
    each prefix's features (last layer, last token) come from one causal forward pass over the
    whole completion (a prefix's state equals the state at that position of the whole), labelled
    with the completion's reward; ridge (mse), penalty by 5-fold cross-validation over prompts.
@@ -93,9 +93,11 @@ def main(argv=None):
     groups = np.array([r["prompt_id"] for r in train])
     y = np.array([r["reward"] for r in train])
     final = fit(tf[feat], y, groups)
-    # the value probe's training subset: every passing row, then failing rows spread over prompts
+    # the value probe's training subset: passing rows (at most half of it), then failing rows, spread over prompts
     rng = np.random.default_rng(0)
     pos = [r for r in train if r["reward"] > 0]
+    if len(pos) > a.train_rows // 2:
+        pos = [pos[i] for i in sorted(rng.permutation(len(pos))[: a.train_rows // 2])]
     neg = [train[i] for i in rng.permutation(len(train)) if train[i]["reward"] <= 0][: max(0, a.train_rows - len(pos))]
     saved = Path(a.cache) / f"guided-prefix-{a.model}-{a.train_rows}-{a.every}.npz"  # reruns skip the forward passes
     if saved.exists():
