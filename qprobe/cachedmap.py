@@ -15,7 +15,7 @@ a chunk of reward programs on the one pool in `qprobe.pool`); it never sees the 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -53,14 +53,12 @@ def cached_map(
     get, put = (cache.get_vectors, cache.put_vectors) if vectors else (cache.get_json, cache.put_json)
     found = get(set(keys))
     first: dict[str, int] = {}  # missing key -> first item needing it
+    need: dict[str, int] = {}  # missing key -> items waiting for it (for the progress bar)
     for i, key in enumerate(keys):
         if key not in found:
             first.setdefault(key, i)
-    pending = sorted(first.values(), key=order) if order else list(first.values())
-    need = {}  # missing key -> items waiting for it (for the progress bar)
-    for i, key in enumerate(keys):
-        if key in first:
             need[key] = need.get(key, 0) + 1
+    pending = sorted(first.values(), key=order) if order else list(first.values())
     n_cached = len(keys) - sum(need.values())
     computed = 0
     with tqdm(total=len(keys), initial=n_cached, desc=desc, unit=unit, disable=not progress, leave=leave) as bar:
@@ -82,8 +80,3 @@ def cached_map(
         raise RuntimeError(f"{desc}: the producer returned no value for {len(set(missing))} of its items")
     return found, computed
 
-
-def in_groups(pairs: Iterator[tuple[Any, Any]]) -> Iterator[Group]:
-    """Adapt a stream of single ``(index, value)`` results to `cached_map`'s groups."""
-    for pair in pairs:
-        yield [pair]

@@ -39,20 +39,21 @@ def _need_vllm():
         pytest.skip(reason)
 
 
+def _serve(kind, tmp_path_factory):
+    _need_vllm()
+    log = tmp_path_factory.mktemp(f"vllm-{kind}") / "server.log"
+    with vllm_server(kind, log) as base:
+        yield base, log
+
+
 @pytest.fixture(scope="module")
 def vllm_generate(tmp_path_factory):
-    _need_vllm()
-    log = tmp_path_factory.mktemp("vllm-gen") / "server.log"
-    with vllm_server("generate", log) as base:
-        yield base, log
+    yield from _serve("generate", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def vllm_pool(tmp_path_factory):
-    _need_vllm()
-    log = tmp_path_factory.mktemp("vllm-pool") / "server.log"
-    with vllm_server("pool", log) as base:
-        yield base, log
+    yield from _serve("pool", tmp_path_factory)
 
 
 def qprobe(*args, cwd):

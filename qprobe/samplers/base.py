@@ -124,14 +124,11 @@ class Sampler:
                 # a backend may yield a list of (index, result) that came back together (one API
                 # request with n > 1): they are cached in one transaction, so a kill never keeps
                 # half of a finished request
-                group = []
-                for local, result in item if isinstance(item, list) else [item]:
-                    res = Sample.of(result)
-                    if res.features:  # before the row: a row in the cache means its features are too
-                        cache.put_vectors({c.embedder.cache_key(c.prompt, c.completion): c.vector
-                                           for c in res.features})
-                    group.append((pending[local], res.row()))
-                yield group
+                results = [(local, Sample.of(r)) for local, r in (item if isinstance(item, list) else [item])]
+                feats = {c.embedder.cache_key(c.prompt, c.completion): c.vector for _, r in results for c in r.features}
+                if feats:  # before the rows: a row in the cache means its features are too
+                    cache.put_vectors(feats)
+                yield [(pending[local], r.row()) for local, r in results]
 
         done, self.n_computed = cached_map(keys, compute, cache, desc="sample", unit="completion", progress=progress)
         out = []

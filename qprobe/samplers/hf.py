@@ -137,6 +137,7 @@ class HFSampler(Sampler):
         self.capture = [(int(l) if l is not None else -1, p) for l, p in (capture or [])]
         self.device = device
         self.dtype = dtype
+        self._cap_embedders = None  # built on first use (capture_embedders)
         self.prefix_every = parse_every(prefix_every)
         if self.prefix_every is not None and not self.capture:
             raise QProbeError("--prefix-every keeps prefix features: give --capture LAYER:POOLING too")
@@ -447,7 +448,7 @@ class HFSampler(Sampler):
 
     def capture_embedders(self) -> list:
         """The `HFEmbedder` whose features each `capture` entry equals (it owns their cache keys)."""
-        if getattr(self, "_cap_embedders", None) is None:
+        if self._cap_embedders is None:
             from qprobe.embedders.hf import HFEmbedder
 
             self._cap_embedders = [HFEmbedder(self.model, layer, pooling, device=self.device, dtype=self.dtype)
