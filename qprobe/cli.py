@@ -253,20 +253,25 @@ def sample(prompts_file, output, model, api_base, api_model, api_key, device, dt
 @click.argument("completions", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Rows with `reward`.")
 @click.option("--kind", default="code", show_default=True,
-              help="code (run the row's tests in the sandbox), match[:FIELD], regex[:FIELD], or python:MODULE:FN.")
+              help="code (run the row's tests in the sandbox), code:FIELD (run the tests in that field, e.g. "
+                   "code:shown_tests, the ones the prompt shows), match[:FIELD], regex[:FIELD], or "
+                   "python:MODULE:FN (imports your module and runs it in this process, NOT sandboxed).")
+@click.option("--into", default="reward", show_default=True, metavar="FIELD",
+              help="Write the score to this field (and its reason to FIELD_reason), keeping the rest: "
+                   "--kind code:shown_tests --into shown adds a signal beside the reward.")
 @click.option("--timeout", type=Finite(0, MAX_SECONDS, min_open=True), default=3.0, show_default=True,
               help="Seconds per program (code) or per match (regex).")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Parallel programs [default: CPU count].")
 @cache_options
 @user_errors
-def reward(completions, output, kind, timeout, workers, cache_dir, no_cache):
-    """Score completions: 1 pass / 0 fail, with the reason in `reward_reason`."""
+def reward(completions, output, kind, into, timeout, workers, cache_dir, no_cache):
+    """Score completions: 1 pass / 0 fail, with the reason in `reward_reason` (or FIELD_reason with --into)."""
     from qprobe.pipeline import reward_file
 
     rows = reward_file(completions, output, kind, cache=make_cache(cache_dir, no_cache), workers=workers,
-                       timeout=timeout)
-    mean = sum(r["reward"] for r in rows) / len(rows)
-    click.echo(f"wrote {len(rows)} rows to {output}; mean reward {mean:.3f}", err=True)
+                       timeout=timeout, into=into)
+    mean = sum(r[into] for r in rows) / len(rows)
+    click.echo(f"wrote {len(rows)} rows to {output}; mean {into} {mean:.3f}", err=True)
 
 
 # --------------------------------------------------------------------------- embed

@@ -121,14 +121,19 @@ def sample_file(src, dst, sampler, k: int, seed: int = 0, cache: Cache | None = 
 
 
 def reward_file(src, dst, kind: str, cache: Cache | None = None, workers=None, timeout: float = 3.0,
-                progress=True, chunk: int = 16) -> list[dict]:
-    """Score every row; results are cached in chunks, so a killed run resumes."""
+                progress=True, chunk: int = 16, into: str = "reward") -> list[dict]:
+    """Score every row into the field `into` (its reason into `<into>_reason`); other fields are
+    kept, so a signal (``--kind code:shown_tests --into shown``) sits beside the reward.
+    Results are cached in chunks, so a killed run resumes."""
     from qprobe.rewards import REWARDS_VERSION, score_rows
 
+    if not into.isidentifier():
+        raise QProbeError(f"--into {into!r}: expected a field name (letters, digits, _)")
     check_outputs([dst], [src])
     rows = read_completions(src)
     identity = {"reward": kind, "timeout": timeout, "version": REWARDS_VERSION}  # new version: old cached scores unused
-    keys = [make_key(identity, {k: v for k, v in r.items() if k not in ("reward", "reward_reason")}) for r in rows]
+    scored = {"reward", "reward_reason", into, f"{into}_reason"}  # outputs, not inputs, of the reward
+    keys = [make_key(identity, {k: v for k, v in r.items() if k not in scored}) for r in rows]
 
     def compute(pending: list[int]):
         for s in range(0, len(pending), chunk):  # a chunk of programs on the pool, cached together
@@ -140,7 +145,7 @@ def reward_file(src, dst, kind: str, cache: Cache | None = None, workers=None, t
     out = []
     for r, key in zip(rows, keys):
         reward, reason = done[key]
-        out.append({**r, "reward": reward, "reward_reason": reason})
+        out.append({**r, into: reward, f"{into}_reason": reason})
     write_jsonl(dst, out)
     return out
 

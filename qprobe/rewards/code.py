@@ -145,13 +145,36 @@ def build_program(row: dict) -> str:
                       "(MBPP), test + entry_point (HumanEval) or tests")
 
 
-def code_reward(row: dict, timeout: float = 3.0, *, backend: str | None = None) -> tuple[float, str]:
+def with_tests_from(row: dict, field: str) -> dict:
+    """`row` with its tests replaced by the ones in `row[field]`: a list of assert statements
+    (run like MBPP's ``test_list``, after the row's ``test_setup_code``) or one string of code.
+
+    This is how a row names the tests its prompt shows (``shown_tests``, written by
+    ``qprobe prompts``): ``reward --kind code:shown_tests --into shown`` runs only those.
+    """
+    if field not in row:
+        raise QProbeError(f"code reward: {describe_row(row)} has no {field!r} field (the tests to run)")
+    tests = row[field]
+    out = {k: v for k, v in row.items() if k not in ("test_list", "test", "tests")}
+    if isinstance(tests, str):
+        out["tests"] = tests
+    elif isinstance(tests, list) and all(isinstance(t, str) for t in tests):
+        out["test_list"] = tests  # an empty list: the code must still run (import and define) without error
+    else:
+        raise QProbeError(f"code reward: {describe_row(row)}: {field!r} must be a list of strings or a string")
+    return out
+
+
+def code_reward(row: dict, timeout: float = 3.0, *, backend: str | None = None,
+                tests_field: str | None = None) -> tuple[float, str]:
     """Run a row's code against its tests in the sandbox.
 
     Parameters
     ----------
     row : dict
         See :func:`build_program`.
+    tests_field : str or None
+        Run the tests in this field instead (see :func:`with_tests_from`).
     timeout : float
         Wall-clock seconds for the whole program.
     backend : str or None
@@ -167,6 +190,8 @@ def code_reward(row: dict, timeout: float = 3.0, *, backend: str | None = None) 
     """
     if not str(row.get("completion", "")).strip():
         return 0.0, "empty completion"
+    if tests_field is not None:
+        row = with_tests_from(row, tests_field)
     token = secrets.token_hex(16)
     result = run_python(build_program(row), timeout=timeout, backend=backend, token=token)
     if not result.passed:
@@ -177,12 +202,13 @@ def code_reward(row: dict, timeout: float = 3.0, *, backend: str | None = None) 
 
 
 def make_code_reward(arg: str, *, timeout: float = 3.0) -> Callable[[dict], tuple[float, str]]:
-    """The ``code`` reward kind (entry point ``qprobe.rewards: code``): takes no argument.
+    """The ``code`` reward kind (entry point ``qprobe.rewards: code``): ``code`` runs the row's own
+    tests; ``code:FIELD`` runs the tests in ``row[FIELD]`` instead (e.g. ``code:shown_tests``).
 
     Resolves the sandbox backend first, so that a machine without a working sandbox
     fails once, before any row runs.
     """
-    if arg:
-        raise QProbeError(f"reward kind 'code:{arg}': code takes no argument")
+    if arg and not arg.isidentifier():
+        raise QProbeError(f"reward kind 'code:{arg}': expected code or code:FIELD (a row field of tests)")
     sandbox_backend()
-    return functools.partial(code_reward, timeout=timeout)
+    return functools.partial(code_reward, timeout=timeout, tests_field=arg or None)
