@@ -37,6 +37,8 @@ def _jsonable(v):
         return v
     if isinstance(v, np.generic):
         return v.item()
+    if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+        return list(v)  # signal names
     return str(v) if type(v).__name__ == "device" else None  # e.g. a RandomState: not recorded
 
 
@@ -185,9 +187,13 @@ def _load_probe(cls, path):
     try:
         t = st_load(blob)
         params = dict(cfg["params"])
+        if isinstance(params.get("signals"), list):
+            params["signals"] = tuple(params["signals"])  # JSON has no tuples
         probe = cls(**params)
         probe._check_params()
         d, h = int(cfg["n_features"]), params.get("hidden")
+        if len(params.get("signals") or ()) > d:
+            raise QProbeError(f"{cfg_path}: {len(params['signals'])} signals but only {d} features")
     except QProbeError:
         raise
     except Exception as err:  # noqa: BLE001 - any malformation is one user-facing error

@@ -366,12 +366,20 @@ where_option = click.option("--where", multiple=True, metavar="FIELD=V1,V2",
                    "the other samples of its prompt, P[r(z) < r(y)] + P[r(z) = r(y)] / 2, in [0, 1]. "
                    "calibrated-exp:T: (exp(T C) - 1) / (exp(T) - 1), InfAlign's exponential transform for "
                    "best-of-N, rescaled to [0, 1]. Beta is still chosen on the raw reward.")
+@click.option("--signal", "signals", multiple=True, metavar="FIELD",
+              help="A numeric row field to use beside the features as a probe input (repeatable): e.g. shown "
+                   "(from `reward --kind code:shown_tests --into shown`), or logprob_sum, logprob_mean, n_tokens "
+                   "(derived from token_logprobs). The probe records them; rerank and serve need them.")
+@click.option("--cascade", default=None, metavar="FIELD",
+              help="Choose only among each prompt's rows at its maximum of FIELD (e.g. shown: the candidates "
+                   "that pass the shown tests; all rows where none does); trains on those rows. Recorded.")
 @cache_options
 @where_option
 @features_unchecked_option
 @user_errors
 def train(rows, features, output, objective, beta, chunk_k, epochs, lr, alpha, hidden, tune_folds, prefix, seed, demos,
-          demo_weight, demo_template, reward_transform, cache_dir, no_cache, where, features_unchecked):
+          demo_weight, demo_template, reward_transform, signals, cascade, cache_dir, no_cache, where,
+          features_unchecked):
     """Fit a Q-probe on rewarded rows and their features."""
     from qprobe.pipeline import train_file
 
@@ -384,7 +392,7 @@ def train(rows, features, output, objective, beta, chunk_k, epochs, lr, alpha, h
     _, n, tuned, info = train_file(rows, features, output, where=where, tune_folds=tune_folds,
                                    features_unchecked=features_unchecked, prefix=prefix, demos=demos,
                                    demo_weight=demo_weight, demo_template=demo_template,
-                                   reward_transform=reward_transform,
+                                   reward_transform=reward_transform, signals=signals, cascade=cascade,
                                    cache=make_cache(cache_dir, no_cache) if demos else None, **params)
     if tuned:
         chosen = ", ".join(f"{k} {v:g}" for k, v in tuned.params.items())
@@ -423,14 +431,19 @@ def rerank(rows, features, probe_dir, output, beta, seed, where, features_unchec
 @click.option("-k", type=click.IntRange(1), default=None, help="Use the first k samples of each prompt.")
 @click.option("--beta", type=Finite(0), default=None, help="[default: the probe's beta]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--filter", "filters", multiple=True, metavar="FIELD",
+              help="Also report FIELD used as a filter (uniform, then likelihood, among each prompt's rows at its "
+                   "maximum of FIELD; e.g. shown), repeatable.")
 @where_option
 @features_unchecked_option
 @user_errors
-def evaluate(rows, features, probe_dir, k, beta, as_json, where, features_unchecked):
-    """Report base, probe, best-of-k rewards and the KL of the probe's choice."""
+def evaluate(rows, features, probe_dir, k, beta, as_json, filters, where, features_unchecked):
+    """Report base, probe, best-of-k rewards, the KL of the probe's choice, and the baselines
+    (likelihood, each --filter) with paired 95% bootstrap intervals over prompts."""
     from qprobe.pipeline import eval_file
 
-    rep = eval_file(rows, features, probe_dir, k=k, beta=beta, where=where, features_unchecked=features_unchecked)
+    rep = eval_file(rows, features, probe_dir, k=k, beta=beta, where=where, features_unchecked=features_unchecked,
+                    filters=filters)
     click.echo(json.dumps(rep) if as_json else format_report(rep))
 
 
@@ -447,6 +460,11 @@ def format_report(rep: dict) -> str:
         cap = " (capped: the probe's KL is beyond best-of-k's)" if rep.get("bok_kl_capped") else ""
         lines.append(f"KL view: probe ESS {rep['ess']:.2f} of {rep['k']}; best-of-n at the probe's KL "
                      f"{rep['kl']:.3f} reaches reward {rep['bok_reward_at_probe_kl']:.3f}{cap}")
+    if rep.get("baselines"):
+        lines += ["", f"{'baselines (argmax)':<30}{'reward':>8}  paired 95% interval vs the best other policy"]
+        for b in rep["baselines"]:
+            ci = "" if b["vs"] is None else f"{b['diff']:+.3f} [{b['lo']:+.3f}, {b['hi']:+.3f}] vs {b['vs']}"
+            lines.append(f"{b['policy']:<30}{b['reward']:>8.3f}  {ci}")
     return "\n".join(lines)
 
 

@@ -207,7 +207,7 @@ def load_rows_features(rows_path, features_path, need_reward=True, where=None, f
 
 def train_file(rows_path, features_path, out_dir, where=None, tune_folds=None, features_unchecked=False,
                prefix=False, demos=None, demo_weight=None, demo_template="{demo}", reward_transform="none", cache=None,
-               **probe_params):
+               signals=(), cascade=None, **probe_params):
     """Fit and save a probe; with ``tune_folds``, regularisation and beta come from cross-validation.
 
     With ``prefix``, a value probe: one training row per kept prefix (features from
@@ -216,6 +216,8 @@ def train_file(rows_path, features_path, out_dir, where=None, tune_folds=None, f
     with the features' own extractor and added with weight ``demo_weight`` (None: chosen by the
     cross-validation among ``tune.DEMO_WEIGHTS`` when tuning, else 1). ``reward_transform``: the
     training targets (:mod:`qprobe.transforms`); beta is still chosen on the raw reward.
+    ``signals``: row fields appended to the features as probe inputs, ``cascade``: the one the probe
+    filters by (:mod:`qprobe.signals`); both are recorded in the probe file.
 
     Returns (probe, number of rows, TuneResult or None, info dict: ``n_demos``, ``demo_weight``).
     """
@@ -223,8 +225,18 @@ def train_file(rows_path, features_path, out_dir, where=None, tune_folds=None, f
     from qprobe.transforms import parse_transform, transform_rewards
 
     check_outputs([out_dir], [rows_path, features_path])
+    from qprobe.signals import check_names, with_signals
+
     rows, X, meta = load_rows_features(rows_path, features_path, where=where, features_unchecked=features_unchecked,
                                        prefix=prefix)
+    signals = check_names(signals, "--signal")
+    if cascade is not None and cascade not in signals:
+        signals = signals + (cascade,)  # the cascade's field is recorded with the signals
+    if signals and (demos or prefix):
+        raise QProbeError("--signal/--cascade do not combine with --demos or --prefix (those rows have no signals)")
+    X = with_signals(X, rows, signals, rows_path)
+    if signals:
+        probe_params = {**probe_params, "signals": signals, "cascade": cascade}
     parse_transform(reward_transform)
     objective = probe_params.get("objective", "pg")
     if objective == "pref" and (demos or reward_transform != "none"):
@@ -275,10 +287,20 @@ def _load_probe_for(probe_dir, X, meta, features_path):
 
     probe = QProbe.load(probe_dir)
     try:
-        probe.check_features(X.shape[1], meta.get("extractor"))
+        probe.check_features(X.shape[1] + len(probe.signals or ()), meta.get("extractor"))
     except QProbeError as e:  # name both files: which features, which probe
         raise QProbeError(f"{features_path} does not fit the probe in {probe_dir}: {e}") from None
     return probe
+
+
+def _probe_inputs(probe, rows, X, rows_path):
+    """X with the probe's recorded signals appended; one line naming the row that lacks one."""
+    from qprobe.signals import with_signals
+
+    try:
+        return with_signals(X, rows, probe.signals, rows_path)
+    except QProbeError as e:
+        raise QProbeError(f"{e} (the probe uses signals {list(probe.signals)})") from None
 
 
 def rerank_file(rows_path, features_path, probe_dir, dst, beta=None, seed=None, where=None,
@@ -291,37 +313,59 @@ def rerank_file(rows_path, features_path, probe_dir, dst, beta=None, seed=None, 
     probe = _load_probe_for(probe_dir, X, meta, features_path)
     from qprobe.select import select_indices
 
+    X = _probe_inputs(probe, rows, X, rows_path)
+    g = group_ids(rows)
     q = probe.predict(X)  # one pass over X (probe.select would make a second)
-    chosen = select_indices(q, group_ids(rows), probe.beta if beta is None else beta, seed)
+    chosen = select_indices(q, g, probe.beta if beta is None else beta, seed, candidates=probe.candidates(X, g))
     out = [{**rows[i], "q": float(q[i])} for i in chosen]
     write_jsonl(dst, out)
     return out
 
 
-def eval_file(rows_path, features_path, probe_dir, k=None, beta=None, where=None, features_unchecked=False) -> dict:
-    """The selection report on held-out rows: base, probe (at beta and argmax), oracle, KL, ESS.
+def eval_file(rows_path, features_path, probe_dir, k=None, beta=None, where=None, features_unchecked=False,
+              filters=()) -> dict:
+    """The selection report on held-out rows: base, probe (at beta and argmax), oracle, KL, ESS,
+    and the baselines a user would compare the probe against (:mod:`qprobe.compare`).
 
     ``bok_reward_at_probe_kl``: the reward best-of-n reaches at the probe's KL, interpolated on
     the curve of best-of-n (n = 1 .. k, from the same samples) against its KL bound; when the
     probe's KL is beyond best-of-k's, it is best-of-k's reward (``bok_kl_capped`` is then true).
+    ``baselines``: likelihood reranking (when every row has ``token_logprobs``), each field of
+    ``filters`` (and the probe's cascade) used as a filter, alone and then with likelihood, and the
+    probe at argmax; each with its paired 95% bootstrap interval over prompts against the best of
+    the others.
     """
+    from qprobe.compare import compare, policies
     from qprobe.select import best_of_n_curve, bon_reward_at_kl, selection_report
+    from qprobe.signals import check_names, signal_columns, signal_value
 
     rows, X, meta = load_rows_features(rows_path, features_path, where=where, features_unchecked=features_unchecked)
     if k is not None:
         keep = [i for i, r in enumerate(rows) if int(r["sample"]) < k]
         rows, X = [rows[i] for i in keep], take_rows(X, keep)
     probe = _load_probe_for(probe_dir, X, meta, features_path)
+    X = _probe_inputs(probe, rows, X, rows_path)
     b = probe.beta if beta is None else beta
     q = probe.predict(X)
     y = np.array([r["reward"] for r in rows])
     g = group_ids(rows)
-    rep = selection_report(q, y, g, beta=b)  # every key of the selection report, plus:
-    rep0 = selection_report(q, y, g, beta=0.0)
+    cand = probe.candidates(X, g)
+    rep = selection_report(q, y, g, beta=b, candidates=cand)  # every key of the selection report, plus:
+    rep0 = selection_report(q, y, g, beta=0.0, candidates=cand)
     n, bon, bon_kl = best_of_n_curve(y, g)
     rep.update(beta=float(b), argmax_reward=float(rep0["probe_reward"]), argmax_kl=float(rep0["kl"]),
                bok_reward_at_probe_kl=bon_reward_at_kl(rep["kl"], n, bon, bon_kl),
                bok_kl_capped=bool(rep["kl"] > bon_kl[-1]))
+    names = check_names(filters, "--filter")
+    if probe.cascade is not None and probe.cascade not in names:
+        names += (probe.cascade,)
+    fcols = signal_columns(rows, names, rows_path)
+    lp = None
+    if all(isinstance(r.get("token_logprobs"), list) for r in rows):
+        lp = np.array([signal_value(r, "logprob_sum") for r in rows])
+    per = policies(y, g, logprob=lp, filters={nm: fcols[:, j] for j, nm in enumerate(names)},
+                   probe_q=q, probe_candidates=cand)
+    rep["baselines"] = compare(per)
     # plain floats for JSON; NaN (gap_closed when no prompt has a better sample) becomes null
     return {key: None if isinstance(v, float) and v != v else v for key, v in rep.items()}
 

@@ -40,6 +40,7 @@ from qprobe._probe_io import _load_probe, _save_probe
 from qprobe._train import _fit_logistic, _fit_ridge, _fit_torch, _moments
 from qprobe.errors import QProbeError, one_line
 from qprobe.select import group_index, select_indices, selection_report
+from qprobe.signals import cascade_mask, check_names
 
 OBJECTIVES = ("mse", "ce", "pg", "pref")
 _CHUNK_ROWS = 4096  # rows per block when streaming over X (bounds temporary memory)
@@ -97,6 +98,16 @@ class QProbe(BaseEstimator):
         Seeds initialisation and shuffling: the same fit twice gives the same
         probe (bit for bit on CPU; on CUDA to float rounding, since scatter-adds
         there are not ordered).
+    signals : tuple of str, default ()
+        Names of the last ``len(signals)`` columns of X: numeric row fields beside
+        the hidden-state features (``shown``, ``logprob_sum``, ...; see
+        :mod:`qprobe.signals`, whose ``with_signals`` builds such an X). Recorded in
+        the probe file, so ``rerank`` and ``serve`` refuse rows that lack one.
+    cascade : str or None, default None
+        One of ``signals``. ``select`` and ``score`` then choose, in each group, only
+        among the rows at the group's maximum of that column (those that pass the
+        shown tests, or all rows where none does), and ``fit`` trains on those rows
+        only: the rows the probe will be asked to tell apart. ``groups`` is required.
 
     Attributes
     ----------
@@ -137,6 +148,8 @@ class QProbe(BaseEstimator):
         max_iter=50,
         device=None,
         random_state=None,
+        signals=(),
+        cascade=None,
     ):
         self.objective = objective
         self.beta = beta
@@ -152,6 +165,8 @@ class QProbe(BaseEstimator):
         self.max_iter = max_iter
         self.device = device
         self.random_state = random_state
+        self.signals = signals
+        self.cascade = cascade
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -190,6 +205,8 @@ class QProbe(BaseEstimator):
         self._check_params()
         X, y = self._validate(X, y, reset=True)
         y = y.astype(np.float64, copy=False)
+        if self.cascade is not None:
+            X, y, groups, sample_weight = self._cascade_rows(X, y, groups, sample_weight)
         gi = self._check_groups(groups, y)
         sw = self._check_weight(sample_weight, y.shape[0])
         rs = check_random_state(self.random_state)
@@ -218,9 +235,48 @@ class QProbe(BaseEstimator):
         self.intercept_ = float(b - self.mean_ @ self.coef_)
         return self
 
+    def _cascade_rows(self, X, y, groups, sample_weight):
+        """The rows a cascade keeps (see ``cascade``); pg: groups left with one row are dropped."""
+        if groups is None:
+            raise QProbeError(f"cascade={self.cascade!r} needs groups= (the prompt id of each row)")
+        groups = np.asarray(groups)
+        if groups.shape[0] != y.shape[0]:
+            raise QProbeError(f"groups has {groups.shape[0]} labels but X has {y.shape[0]} rows")
+        keep = self.candidates(X, groups)
+        if self.objective == "pg":
+            gi = group_index(groups[keep])
+            keep[np.flatnonzero(keep)[(gi.sizes < 2)[gi.codes]]] = False  # a lone candidate carries no gradient
+        if keep.sum() < 2:
+            raise QProbeError(f"cascade={self.cascade!r} leaves {int(keep.sum())} training rows; need at least 2")
+        sw = None if sample_weight is None else np.asarray(sample_weight)[keep]
+        return X[keep], y[keep], groups[keep], sw
+
+    def candidates(self, X, groups):
+        """Rows a cascade lets the probe choose (all rows without one).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_rows, n_features)
+            With the signal columns last.
+        groups : array-like of shape (n_rows,)
+
+        Returns
+        -------
+        mask : ndarray of bool, shape (n_rows,)
+        """
+        n = np.shape(X)[0]
+        if self.cascade is None:
+            return np.ones(n, dtype=bool)
+        names = check_names(self.signals)
+        col = np.shape(X)[1] - len(names) + names.index(self.cascade)
+        return cascade_mask(np.asarray(X[:, col], dtype=np.float64), groups)
+
     def _check_params(self):
         if self.objective not in OBJECTIVES:
             raise QProbeError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        names = check_names(self.signals)
+        if self.cascade is not None and self.cascade not in names:
+            raise QProbeError(f"cascade={self.cascade!r} must be one of the signals {list(names)}")
         checks = [
             ("beta", self.beta, lambda v: v >= 0),
             ("k", self.k, lambda v: int(v) == v and v >= 2),
@@ -336,7 +392,9 @@ class QProbe(BaseEstimator):
             with ``return_labels``, a tuple ``(indices, labels)``.
         """
         beta = self.beta if beta is None else beta
-        return select_indices(self.predict(X), groups, beta, random_state, return_labels=return_labels)
+        cand = None if self.cascade is None else self.candidates(X, groups)
+        return select_indices(self.predict(X), groups, beta, random_state, return_labels=return_labels,
+                              candidates=cand)
 
     def score(self, X, y, groups=None, beta=None):
         """Expected reward of the ``softmax(Q / beta)`` choice, averaged over groups.
@@ -351,7 +409,8 @@ class QProbe(BaseEstimator):
         beta = self.beta if beta is None else beta
         y = np.asarray(y, dtype=np.float64).reshape(-1)
         groups = np.zeros(y.shape[0], dtype=np.int64) if groups is None else groups
-        return selection_report(self.predict(X), y, groups, beta)["probe_reward"]
+        cand = None if self.cascade is None else self.candidates(X, groups)
+        return selection_report(self.predict(X), y, groups, beta, candidates=cand)["probe_reward"]
 
     def check_features(self, n_features, embedder=None):
         """Refuse features from another extractor or of another dimension.

@@ -110,7 +110,18 @@ def _check_beta(beta) -> float:
     return beta
 
 
-def softmax_weights(q, groups, beta: float) -> np.ndarray:
+def _check_candidates(candidates, gi: GroupIndex) -> np.ndarray | None:
+    if candidates is None:
+        return None
+    m = np.asarray(candidates, dtype=bool).reshape(-1)
+    if m.shape[0] != gi.codes.shape[0]:
+        raise QProbeError(f"candidates has {m.shape[0]} values but there are {gi.codes.shape[0]} rows")
+    if not (np.add.reduceat(m[gi.order].astype(np.int64), gi.starts) > 0).all():
+        raise QProbeError("candidates leaves a group with no row (a cascade keeps at least one per group)")
+    return m
+
+
+def softmax_weights(q, groups, beta: float, candidates=None) -> np.ndarray:
     """Selection weights ``softmax(q / beta)`` within each group.
 
     Parameters
@@ -122,6 +133,9 @@ def softmax_weights(q, groups, beta: float) -> np.ndarray:
     beta : float
         Temperature, >= 0. ``0`` gives a one-hot argmax (ties go to the lowest
         row index); ``inf`` gives uniform weights.
+    candidates : array-like of bool, shape (n_rows,), optional
+        Rows that may be chosen (a cascade, :func:`qprobe.signals.cascade_mask`); the
+        others get weight 0. Every group needs at least one. Default: all rows.
 
     Returns
     -------
@@ -131,6 +145,9 @@ def softmax_weights(q, groups, beta: float) -> np.ndarray:
     q = _check_q(q)
     beta = _check_beta(beta)
     gi = _as_gi(groups, q.shape[0])
+    mask = _check_candidates(candidates, gi)
+    if mask is not None:
+        q = np.where(mask, q, -np.inf)  # exp(-inf) = 0; never a group's max (each group has a candidate)
     qs = q[gi.order]
     gmax = np.maximum.reduceat(qs, gi.starts)
     rep = np.repeat(np.arange(gi.sizes.size), gi.sizes)  # sorted position -> group number
@@ -141,14 +158,16 @@ def softmax_weights(q, groups, beta: float) -> np.ndarray:
         ws = np.zeros(qs.size)
         ws[np.minimum.reduceat(cand, gi.starts)] = 1.0
     else:
-        e = np.exp((qs - gmax[rep]) / beta)  # max term is exp(0) = 1: no overflow, sum >= 1
+        with np.errstate(invalid="ignore"):  # -inf / inf (a non-candidate at beta = inf): weight 0 below
+            e = np.exp((qs - gmax[rep]) / beta)  # max term is exp(0) = 1: no overflow, sum >= 1
+        e = np.where(np.isneginf(qs), 0.0, e)
         ws = e / np.add.reduceat(e, gi.starts)[rep]
     w = np.empty_like(ws)
     w[gi.order] = ws
     return w
 
 
-def select_indices(q, groups, beta: float, random_state=None, return_labels: bool = False):
+def select_indices(q, groups, beta: float, random_state=None, return_labels: bool = False, candidates=None):
     """One chosen row per group: drawn from ``softmax(q / beta)``, or argmax at 0.
 
     Parameters
@@ -163,6 +182,8 @@ def select_indices(q, groups, beta: float, random_state=None, return_labels: boo
         Source of the draws when ``beta > 0``.
     return_labels : bool, default False
         Also return the group labels the indices belong to.
+    candidates : array-like of bool, shape (n_rows,), optional
+        Rows that may be chosen (see :func:`softmax_weights`).
 
     Returns
     -------
@@ -173,7 +194,7 @@ def select_indices(q, groups, beta: float, random_state=None, return_labels: boo
     """
     q = _check_q(q)
     gi = _as_gi(groups, q.shape[0])
-    w = softmax_weights(q, gi, beta)
+    w = softmax_weights(q, gi, beta, candidates)
     ws = w[gi.order]
     if float(beta) == 0:
         pos = np.flatnonzero(ws)  # exactly one per group, in group order
@@ -298,7 +319,7 @@ def bon_reward_at_kl(kl: float, n, reward, kl_curve) -> float:
     return float(np.interp(float(kl), np.asarray(kl_curve), np.asarray(reward)))
 
 
-def selection_report(q, rewards, groups, beta: float) -> dict:
+def selection_report(q, rewards, groups, beta: float, candidates=None) -> dict:
     """Rewards and diagnostics of choosing one row per group by ``softmax(q / beta)``.
 
     All rewards are analytic expectations, not a random draw, and are averaged
@@ -313,6 +334,8 @@ def selection_report(q, rewards, groups, beta: float) -> dict:
     groups : array-like of shape (n_rows,) or GroupIndex
     beta : float
         Selection temperature, >= 0.
+    candidates : array-like of bool, shape (n_rows,), optional
+        Rows the probe may choose (a cascade); base, oracle and the KL's base stay all k rows.
 
     Returns
     -------
@@ -333,8 +356,8 @@ def selection_report(q, rewards, groups, beta: float) -> dict:
         raise QProbeError(f"rewards has {r.shape[0]} values but q has {q.shape[0]}")
     beta = _check_beta(beta)
     gi = _as_gi(groups, q.shape[0])
-    w = softmax_weights(q, gi, beta)
-    w0 = w if beta == 0 else softmax_weights(q, gi, 0.0)
+    w = softmax_weights(q, gi, beta, candidates)
+    w0 = w if beta == 0 else softmax_weights(q, gi, 0.0, candidates)
     n = gi.sizes.astype(np.float64)
     base = float(np.mean(_per_group_sum(r, gi) / n))
     probe = float(np.mean(_per_group_sum(w * r, gi)))

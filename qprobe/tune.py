@@ -159,9 +159,11 @@ def tune(X, y, groups, objective="pg", grid=None, betas=BETAS, folds=5, random_s
             yf, gf = np.concatenate([yf, yd[use]]), np.concatenate([gf, gd[use]])
             sw = np.concatenate([np.ones((~held).sum()), np.full(use.sum(), w)])
         oof[i, held] = probe.fit(Xf, yf, groups=gf, sample_weight=sw).predict(X[held])
-    losses = [own_loss(objective, q, fy, groups) for q in oof]
+    # a cascade probe is judged on the rows it will choose among (all rows when it has none)
+    cand = QProbe(objective=objective, **probe_params).candidates(X, groups)
+    losses = [own_loss(objective, q[cand], fy[cand], groups[cand]) for q in oof]
     i = int(np.argmin(losses))
-    rewards = [selection_report(oof[i], y, groups, b)["probe_reward"] for b in betas]
+    rewards = [selection_report(oof[i], y, groups, b, candidates=cand)["probe_reward"] for b in betas]
     j = int(np.argmax(rewards))
     return TuneResult(params=grid[i][0], beta=betas[j], cv_reward=float(rewards[j]), grid=[p for p, _ in grid],
                       losses=losses, rewards=rewards, betas=betas, demo_weight=grid[i][1],

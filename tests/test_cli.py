@@ -194,7 +194,7 @@ def test_train_each_objective_then_rerank_and_eval(tmp_path, objective):
     assert {"n_prompts", "k", "base_reward", "probe_reward", "oracle_reward", "kl", "bon_kl_bound"} <= set(rep)
     from qprobe.select import selection_report  # --json reports every key of the selection report
 
-    assert set(selection_report([0.0, 1.0], [0.0, 1.0], [0, 0], beta=0.1)) | {"argmax_kl", "bok_reward_at_probe_kl", "bok_kl_capped"} == set(rep)
+    assert set(selection_report([0.0, 1.0], [0.0, 1.0], [0, 0], beta=0.1)) | {"argmax_kl", "bok_reward_at_probe_kl", "bok_kl_capped", "baselines"} == set(rep)
     assert rep["n_prompts"] == 12 and rep["k"] == (2 if objective == "pref" else 4)
     assert rep["base_reward"] <= rep["oracle_reward"] and rep["kl"] >= 0
     # feature 0 decides the reward, so the argmax choice beats the mean of k

@@ -163,7 +163,7 @@ def test_python_kind(tmp_path, monkeypatch):
         get_reward_fn("python:no_such_module_xyz:fn")
 
 
-@pytest.mark.parametrize("kind", ["bleu", "code:x", "python:", "python:mod", ""])
+@pytest.mark.parametrize("kind", ["bleu", "code:x-y", "python:", "python:mod", ""])
 def test_unknown_kind(kind):
     with pytest.raises(QProbeError, match="reward kind"):
         get_reward_fn(kind)
