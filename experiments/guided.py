@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-import mbpp_data  # noqa: E402
-from mbpp_sample import SETTINGS  # noqa: E402
+from qprobe import benchmark  # noqa: E402
+from qprobe.benchmark import SAMPLING as SETTINGS  # noqa: E402
 
 from qprobe.cache import Cache  # noqa: E402
 
@@ -64,7 +63,7 @@ def fit(X, y, groups):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m", choices=sorted(mbpp_data.DATASETS))
+    ap.add_argument("--model", default="smollm2-135m", choices=sorted(benchmark.SETS))
     ap.add_argument("--limit", type=int, default=24, help="first N MBPP test prompts")
     ap.add_argument("--train-rows", type=int, default=600, help="train rows cut into prefixes for the value probe")
     ap.add_argument("--every", type=int, default=16, help="prefix spacing (tokens) for the value probe")
@@ -88,8 +87,8 @@ def main(argv=None):
     t0 = time.time()
     layer = 30 if a.model == "smollm2-135m" else 24  # hidden_states index of the last layer
     feat = f"L{layer}_last"
-    train, tf = mbpp_data.load("train", model=a.model)
-    train = [r for r in train if not mbpp_data.is_greedy(r)]
+    train, tf = benchmark.load("train", model=a.model)
+    train = [r for r in train if not benchmark.is_greedy(r)]
     groups = np.array([r["prompt_id"] for r in train])
     y = np.array([r["reward"] for r in train])
     final = fit(tf[feat], y, groups)
@@ -111,8 +110,8 @@ def main(argv=None):
     value.embedder_, value.prefix_ = HFEmbedder(a.model, -1, "last", device=a.device, dtype=a.dtype).identity(), True
     t_probe = time.time() - t0
 
-    test, xf = mbpp_data.load("test", model=a.model)
-    keep = [i for i, r in enumerate(test) if not mbpp_data.is_greedy(r)]
+    test, xf = benchmark.load("test", model=a.model)
+    keep = [i for i, r in enumerate(test) if not benchmark.is_greedy(r)]
     test, Xt = [test[i] for i in keep], xf[feat][keep]
     pids = list(dict.fromkeys(r["prompt_id"] for r in test))[: a.limit]
     by_pid = {p: [i for i, r in enumerate(test) if r["prompt_id"] == p] for p in pids}  # prompt -> its k rows

@@ -17,8 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mbpp_data import DATASETS, ROOT, is_greedy, load, rewards_path  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+from qprobe.benchmark import SETS as DATASETS, is_greedy, load  # noqa: E402
 
 
 def recheck(model: str) -> None:
@@ -62,7 +62,7 @@ def main():
                 r = json.loads(line)
                 out.append({**{k: r[k] for k in ("prompt_id", "sample", "reward", "reward_reason")},
                             **({"greedy": True} if kind == "greedy" else {})})
-    target = rewards_path(args.model)
+    target = DATASETS[args.model] / "rewards.jsonl.gz"
     tmp = target.with_suffix(".tmp")
     with gzip.open(tmp, "wt", encoding="utf-8") as f:
         for r in out:

@@ -26,15 +26,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
 
 from qprobe.cache import Cache  # noqa: E402
 from qprobe.datasets import mbpp_rows  # noqa: E402
 from qprobe.embedders.hf import HFEmbedder  # noqa: E402
 from qprobe.samplers.hf import HFSampler  # noqa: E402
 
-from mbpp_data import DATASETS, shards_dir  # noqa: E402
+from qprobe.benchmark import SAMPLING as SETTINGS, SETS as DATASETS  # noqa: E402
 from qprobe.datasets import humaneval_rows  # noqa: E402
 
 MBPP = ROOT / "data" / "mbpp" / "mbpp.jsonl"
@@ -50,7 +48,6 @@ MODELS = {
     "qwen2.5-coder-0.5b": dict(extractors=[(-1, "last"), (19, "last"), (19, "mean"), (12, "mean")],
                                dtype="float32", chunk=24),
 }
-SETTINGS = dict(temperature=0.8, top_p=0.95, max_new_tokens=300, code_block=True)
 
 
 def chunks(rows, size):
@@ -113,8 +110,8 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    OUT = Path(args.out) if args.out else shards_dir(args.model if args.dataset == "mbpp"
-                                                      else f"{args.dataset}-{args.model}")
+    OUT = Path(args.out) if args.out else (DATASETS[args.model if args.dataset == "mbpp"
+                                                      else f"{args.dataset}-{args.model}"] / "shards")
     MODEL, EXTRACTORS, dtype = args.model, MODELS[args.model]["extractors"], MODELS[args.model]["dtype"]
     EXTRACTORS = EXTRACTORS[: args.extractors] if args.extractors else EXTRACTORS
     dtype = args.dtype or dtype

@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mbpp_data import DATASETS, ROOT, is_greedy, load  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+from qprobe.benchmark import SETS as DATASETS, is_greedy, load  # noqa: E402
 
 
 def shown_tests(row: dict) -> list[str]:

@@ -29,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mbpp_data import DATASETS, ROOT, is_greedy, load  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+from qprobe.benchmark import SETS as DATASETS, is_greedy, load  # noqa: E402
 
-sys.path.insert(0, str(ROOT))
 from qprobe import QProbe  # noqa: E402
 from qprobe.pipeline import group_ids  # noqa: E402
 from qprobe.select import selection_report  # noqa: E402

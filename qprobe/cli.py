@@ -547,7 +547,7 @@ def demo(out_dir, mbpp_path, train_tasks, test_tasks, k, max_new_tokens, model, 
     """Part 1: a small MBPP run end to end on the embedded default (sample, reward, embed, train,
     eval). Part 2: the probe's gain on the committed Qwen2.5-Coder-0.5B MBPP set, its choices run
     again in the sandbox. About 5 minutes on 2 cores."""
-    from qprobe.demo import BENCHMARK, format_replay, run_demo
+    from qprobe.demo import BENCHMARK, BENCHMARK_FEATURE, format_replay, run_demo
 
     echo = functools.partial(click.echo, err=True)
     echo("part 1: the whole pipeline, live, on a few MBPP tasks (a smoke test: too few tasks for a result)")
@@ -560,11 +560,11 @@ def demo(out_dir, mbpp_path, train_tasks, test_tasks, k, max_new_tokens, model, 
     if not folder.exists():
         echo(f"part 2 skipped: no benchmark set at {folder} (it is in a git checkout of qprobe; or give --benchmark)")
         return
-    from qprobe.replay import replay
+    from qprobe.benchmark import replay
 
     echo(f"\npart 2: the probe on {folder.name} (500 MBPP test prompts, k = 8; completions and features "
          "sampled once, see its PROVENANCE.md)")
-    click.echo(format_replay(replay(folder, "L24_last", objectives=("mse", "ce"), echo=echo)))
+    click.echo(format_replay(replay(folder, BENCHMARK_FEATURE, objectives=("mse", "ce"), echo=echo)))
 
 
 # --------------------------------------------------------------------------- cache

@@ -15,8 +15,9 @@ from pathlib import Path
 from qprobe.errors import QProbeError
 from qprobe.io import write_jsonl
 
-# part 2 of the demo: the committed Qwen2.5-Coder-0.5B MBPP set of a checkout (see qprobe/replay.py)
+# part 2 of the demo: the committed Qwen2.5-Coder-0.5B MBPP set of a checkout (see qprobe/benchmark.py)
 BENCHMARK = Path(__file__).resolve().parents[1] / "data" / "mbpp-qwen2.5-coder-0.5b"
+BENCHMARK_FEATURE = "L19_mean"  # layer 19 of 24, mean-pooled: the best stored extractor on Qwen MBPP
 SHIPPED_MBPP = "data/mbpp_demo.jsonl"  # package data: 100 test and 100 train MBPP tasks
 SHIPPED_TASKS = 100  # tasks of each split in it
 
@@ -58,14 +59,22 @@ def run_demo(out_dir, mbpp_path, train_tasks, test_tasks, k, max_new_tokens, mod
 
 
 def format_replay(r: dict) -> str:
-    """The demo's part-2 table: stored pass@1 of base, probe and best-of-k, and the sandbox rerun."""
-    lines = [f"MBPP test prompts {r['n_test_prompts']}, k = 8, probe: {r['objective']} (chosen by cross-validation)",
-             f"{'policy':<40}{'pass@1':>8}",
-             f"{'base sampler (mean of k)':<40}{r['base_pass1']:>8.3f}",
-             f"{'Q-probe, beta ' + str(r['beta']):<40}{r['probe_pass1']:>8.3f}",
-             f"{'best-of-k oracle':<40}{r['oracle_pass1']:>8.3f}"]
-    if "rechecked_probe_pass1" in r:
-        lines += [f"run again now in the sandbox: the probe's picks pass {r['rechecked_probe_pass1']:.3f}, "
-                  f"each prompt's first sample {r['rechecked_base_pass1']:.3f} "
-                  f"({100 * r['rechecked_agree']:.1f}% agree with the stored rewards)"]
+    """The demo's part-2 table: stored pass@1 of each policy, the probe's, best-of-k, and the sandbox rerun."""
+    rerun = r.get("rechecked", {})
+    rows = [("base sampler (each prompt's first sample)", "base", r["base_pass1"]),
+            ("likelihood (max summed log-prob)", "likelihood", r.get("likelihood_pass1")),
+            (f"Q-probe ({r['objective']}, beta {r['beta']:g})", "probe", r["probe_pass1"]),
+            ("shown-test filter (runs the prompt's test)", "shown filter", r.get("shown_filter_pass1")),
+            ("shown-test filter, then the Q-probe", "cascade probe", r.get("cascade_probe_pass1")),
+            ("best-of-k oracle", None, r["oracle_pass1"])]
+    lines = [f"MBPP test prompts {r['n_test_prompts']}, k = 8; probes chosen by cross-validation on training prompts",
+             f"{'policy':<46}{'pass@1':>8}{'run again now':>15}"]
+    for name, key, value in rows:
+        if value is None:
+            continue
+        again = f"{rerun[key]:>15.3f}" if key in rerun else ""
+        lines.append(f"{name:<46}{value:>8.3f}{again}")
+    if "rechecked_agree" in r:
+        lines.append(f"(pass@1: expected over ties and draws, from the stored rewards; run again: the chosen "
+                     f"completions in the sandbox now, {100 * r['rechecked_agree']:.1f}% agree with the stored rewards)")
     return "\n".join(lines)

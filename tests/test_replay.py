@@ -1,4 +1,4 @@
-"""qprobe.replay on a tiny synthetic benchmark set (no model, no sandbox)."""
+"""qprobe.benchmark (read_set, replay) on a tiny synthetic benchmark set (no model, no sandbox)."""
 import gzip
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qprobe.errors import QProbeError
-from qprobe.replay import load_set, replay
+from qprobe.benchmark import load_set, replay
 
 
 def _write_set(folder, n_train=30, n_test=20, k=4, d=6, seed=0):
