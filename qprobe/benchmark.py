@@ -235,23 +235,25 @@ def compare_settings(rows: list[dict], feats: dict, train, test, objectives=("ce
     shown = np.array([r["shown"] for r in rows], dtype=float) if has_shown else None
     per = policies(y[te], g[te], logprob=None if lp is None else lp[te],
                    filters={"shown": shown[te]} if has_shown else None)
-    choices, q = {}, {}
+    choices, q, probes = {}, {}, {}
     settings = {"A": {"signals": (), "cascade": None}}
     if has_shown:
         settings["B: cascade"] = {"signals": ("shown",), "cascade": "shown"}
         settings["B: signals"] = {"signals": ("shown",), "cascade": None}
     names = {"A": "probe", "B: cascade": "cascade probe", "B: signals": "probe with signals"}
     for setting, kw in settings.items():
+        inputs = candidate_inputs(rows, feats, **kw)
+        if setting != "A":  # B reuses the input A chose (its extractor, with or without log-probs)
+            inputs = {choices["A"].features: inputs[choices["A"].features]}
         if echo:
             echo(f"{setting}: choosing the probe's input and objective by {folds}-fold CV on training prompts")
-        inputs = candidate_inputs(rows, feats, **kw)
         choice = choose_probe(_subset(inputs, tr), y[tr], g[tr], objectives, folds, seed, echo, k=k)
         X = inputs[choice.features][0]
         probe = fit_choice(choice, X[tr], y[tr], g[tr], seed)
         qt = probe.predict(X[te])
         cand = probe.candidates(X[te], g[te])
         per[names[setting]] = per_prompt_reward(qt, y[te], g[te], 0.0, cand)
-        choices[setting], q[names[setting]] = choice, qt
+        choices[setting], q[names[setting]], probes[names[setting]] = choice, qt, probe
     # the reference of each setting: its best policy without a probe
     ref_a = "likelihood" if "likelihood" in per else "base"
     ref_b = max((p for p in per if p.startswith("filter:")), key=lambda p: per[p].mean(), default=None)
@@ -271,7 +273,45 @@ def compare_settings(rows: list[dict], feats: dict, train, test, objectives=("ce
         gte = g[te]
         mixed = sum(1 for p in np.unique(gte) if len(set(y[te][(gte == p) & m])) > 1)
     return {"per_prompt": per, "choices": choices, "table": table, "n_prompts_mixed_after_filter": mixed, "q": q,
-            "oracle": float(per["best-of-k"].mean())}
+            "probes": probes, "oracle": float(per["best-of-k"].mean())}
+
+
+def transfer(result: dict, rows: list[dict], feats: dict) -> dict:
+    """The probes of :func:`compare_settings` applied, unchanged, to another set's rows (HumanEval),
+    beside that set's own baselines; per-prompt expected rewards, and the same two tables."""
+    from qprobe.compare import paired_bootstrap, per_prompt_reward, policies
+    from qprobe.pipeline import group_ids
+    from qprobe.signals import signal_columns
+
+    y = np.array([r["reward"] for r in rows], dtype=float)
+    g = group_ids(rows)
+    has_lp = all(isinstance(r.get("token_logprobs"), list) for r in rows)
+    has_shown = all("shown" in r for r in rows)
+    per = policies(y, g, logprob=signal_columns(rows, ["logprob_sum"])[:, 0] if has_lp else None,
+                   filters={"shown": np.array([r["shown"] for r in rows])} if has_shown else None)
+    for name, probe in result["probes"].items():
+        setting = {"probe": "A", "cascade probe": "B: cascade", "probe with signals": "B: signals"}[name]
+        if probe.signals and "shown" in probe.signals and not has_shown:
+            continue
+        base = result["choices"][setting].features.split("+")[0]
+        X = candidate_inputs(rows, {base: feats[base]}, signals=tuple(s for s in probe.signals
+                                                                        if s not in LOGPROB_SIGNALS),
+                             cascade=probe.cascade, with_logprobs="+logp" in result["choices"][setting].features)
+        X = X[result["choices"][setting].features][0]
+        per[name] = per_prompt_reward(probe.predict(X), y, g, 0.0, probe.candidates(X, g))
+    table = {}
+    ref_a = "likelihood" if "likelihood" in per else "base"
+    for setting, names, ref in (("A", ["base", "likelihood", "probe"], ref_a),
+                                ("B", ["filter:shown", "filter:shown + likelihood", "cascade probe",
+                                       "probe with signals"],
+                                max((p for p in per if p.startswith("filter:")), key=lambda p: per[p].mean(),
+                                    default=None))):
+        if ref is None:
+            continue
+        table[setting] = [{"policy": p, "reward": float(per[p].mean()), "vs": ref,
+                           **(paired_bootstrap(per[p], per[ref]) if p != ref else {"diff": 0.0, "lo": 0.0, "hi": 0.0})}
+                          for p in names if p in per]
+    return {"per_prompt": per, "table": table, "oracle": float(per["best-of-k"].mean())}
 
 
 # --------------------------------------------------------------------------- `qprobe demo`, part 2
