@@ -191,9 +191,9 @@ def prompts(dataset, source, output, splits, limit):
               help="Local models: guided decoding with this prefix value probe (`train --prefix`).")
 @click.option("--chunk", default="32", show_default=True, metavar="N|line",
               help="--guide: tokens per chunk, or 'line' (a chunk ends at a line end).")
-@click.option("--branch", type=click.IntRange(1), default=4, show_default=True,
+@click.option("--branch", type=click.IntRange(1, 64), default=4, show_default=True,
               help="--guide: continuations proposed per row at each chunk boundary.")
-@click.option("--beta", type=click.FloatRange(0), default=0.1, show_default=True,
+@click.option("--beta", type=Finite(0), default=0.1, show_default=True,
               help="--guide: keep a continuation with probability softmax(Q / beta); 0 = argmax, inf = uniform.")
 @cache_options
 @user_errors
@@ -355,7 +355,7 @@ where_option = click.option("--where", multiple=True, metavar="FIELD=V1,V2",
               help="Demonstrations (e.g. reference solutions): a field of the rows, or a JSONL file of prompt_id, "
                    "completion. Each is embedded as a completion of its prompt with the features' extractor and "
                    "trained on as a reward-1 row of that prompt (pg: it joins the prompt's group).")
-@click.option("--demo-weight", type=click.FloatRange(0), default=None,
+@click.option("--demo-weight", type=Finite(0), default=None,
               help="Loss weight of each demonstration [default: chosen by cross-validation from 0, 1, 3, 10 "
                    "with --tune (0 leaves them out), else 1].")
 @click.option("--demo-template", default="{demo}", show_default=True,
@@ -479,10 +479,10 @@ def format_report(rep: dict) -> str:
 @click.option("--rule", type=click.Choice(["optimism", "greedy", "uniform"]), default="optimism", show_default=True,
               help="optimism: Q + C * uncertainty (ridge bonus sqrt(x^T A^-1 x) for mse, bootstrap spread "
                    "otherwise); greedy: highest Q; uniform: at random. Round 0 is uniform for all.")
-@click.option("--explore", "c", type=click.FloatRange(0), default=0.1, show_default=True,
+@click.option("--explore", "c", type=Finite(0), default=0.1, show_default=True,
               help="optimism: C (on MBPP, C = 1 mostly explored and found 6x fewer passes than 0.1).")
 @click.option("--objective", type=click.Choice(["mse", "ce", "pg"]), default="mse", show_default=True)
-@click.option("--alpha", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+@click.option("--alpha", type=Finite(0, min_open=True), default=1.0, show_default=True,
               help="mse / ce: L2 penalty (also the ridge bonus's).")
 @click.option("--ensemble", type=click.IntRange(2), default=5, show_default=True,
               help="optimism with ce / pg: bootstrap probes.")
@@ -492,9 +492,10 @@ def format_report(rep: dict) -> str:
               help="Rows to report pass@1 on (argmax, ties split); they need a stored reward.")
 @click.option("--kind", default="stored", show_default=True,
               help="The reward asked for: stored (the rows' `reward` field, a simulated labeller) or any "
-                   "`qprobe reward --kind`.")
-@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=3.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+                   "`qprobe reward --kind`; python:MODULE:FN imports your module and runs it in this process, "
+                   "NOT sandboxed.")
+@click.option("--timeout", type=Finite(0, MAX_SECONDS, min_open=True), default=3.0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the rounds as one JSON list.")
 @user_errors
 def loop(rows, features, state_path, rounds, budget, rule, c, objective, alpha, ensemble, pool, held_out, kind,
