@@ -114,6 +114,7 @@ class Backend:
 
     features = "extractor"  # where the probe's features come from: "sampling pass" or "extractor"
     extractor_host: str | None = None  # where an api extractor sends the candidates (said at start-up)
+    extractor_key_sent = False  # whether that host gets a key
 
     def start(self) -> None:
         """Load what the backend needs (called once, before the first request)."""
@@ -145,6 +146,7 @@ class _Embedding:
 
         self.embedder = get_embedder(extractor_spec(identity, api_key))
         self.host = extractor_host(identity)
+        self.key_sent = self.host is not None and api_key is not None
         self._lock = threading.Lock()
 
     def fill(self, prompt, cands: list[Candidate]) -> list[Candidate]:
@@ -204,7 +206,7 @@ class LocalBackend(Backend):
         else:
             self.capture, self.features = None, "extractor"
             self._embedding = _Embedding(extractor, api_key)
-            self.extractor_host = self._embedding.host
+            self.extractor_host, self.extractor_key_sent = self._embedding.host, self._embedding.key_sent
         self._q: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._tok_lock = threading.Lock()
@@ -394,7 +396,7 @@ class UpstreamBackend(Backend):
                                   max_retries=max_retries, concurrency=concurrency, backoff=0.25,
                                   max_bytes=max_bytes)
         self._embedding = _Embedding(extractor, key_for_extractor(extractor, extractor_key, self.api_base, api_key))
-        self.extractor_host = self._embedding.host
+        self.extractor_host, self.extractor_key_sent = self._embedding.host, self._embedding.key_sent
         self.workers = int(workers)
         self._pool: ThreadPoolExecutor | None = None
 
