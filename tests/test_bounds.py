@@ -1,7 +1,7 @@
 """Values without bounds and tracebacks where one line belongs (issue 24): the CLI's numbers, the loop's
 state file, a guide probe's layer and pooling, the server's key file, and a cache file that is not qprobe's.
 
-No model is loaded (the guide's layer check uses the tiny random model, loaded in a second).
+No model is loaded, except the tiny random model for the guide's layer check (slow lane).
 """
 from __future__ import annotations
 
@@ -137,6 +137,7 @@ def test_a_guide_with_pooling_max_is_refused_before_any_model_loads():
         Guide(_prefix_probe(8, "m", 1, "max"), "m")
 
 
+@pytest.mark.slow  # loads the tiny random model
 def test_a_guide_layer_the_model_lacks_is_one_line(tiny_model_dir):
     from qprobe.samplers.base import SampleJob
     from qprobe.samplers.hf import HFSampler

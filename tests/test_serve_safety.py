@@ -1,10 +1,12 @@
 """`qprobe serve` under attack (issue 24): deadlines, keys, connections, browsers, error bodies, bounds, request tests.
 
-Fast: the request logic through `Service` without HTTP; the HTTP and connection
-guards over a stub backend; the upstream path against the in-repo stub server
-with hostile answers (one byte a second, 64 MiB, a number for content, an error
-body and a URL with a password); where keys go. Slow: request tests on the
-embedded SmolLM2, including tests that hang or fork.
+Fast: the choice in log space, and the request logic through `Service` without
+HTTP (plan's limits, decode, the deadline). Slow (a server, or the sandbox's
+subprocesses): the HTTP and connection guards over a stub backend; request tests
+in the sandbox; the upstream path against the in-repo stub server with hostile
+answers (one byte a second, 64 MiB, a number for content, an error body and a
+URL with a password); where keys go; request tests on the embedded SmolLM2,
+including tests that hang or fork.
 """
 from __future__ import annotations
 
@@ -118,6 +120,7 @@ def test_decode_answers_400_not_500(raw):
     assert e.value.status == 400
 
 
+@pytest.mark.slow  # a server (or the sandbox's subprocesses)
 def test_complete_runs_request_tests_in_the_sandbox_and_prefers_passers():
     texts = [f"def f():\n    return {i}\n" for i in range(4)]
     feats = np.zeros((32, DIM))
@@ -160,6 +163,7 @@ def post(url, body, **headers):
                       headers=h, timeout=30)
 
 
+@pytest.mark.slow  # a server (or the sandbox's subprocesses)
 @pytest.mark.parametrize("headers, status", [
     ({"Host": "attacker.example"}, 403),
     ({"Host": "attacker.example:8000"}, 403),
@@ -177,6 +181,7 @@ def test_host_origin_and_content_type(app_url, headers, status):
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.slow  # a server (or the sandbox's subprocesses)
 def test_hostile_bodies_are_400_and_streams_are_json(app_url):
     assert post(app_url, b"[" * 5000 + b"]" * 5000).status_code == 400
     r = post(app_url, b'{"model": "qp", "messages": [{"role": "user", "content": "\\ud800"}]}')
@@ -206,6 +211,7 @@ def _closed_within(sock, seconds) -> bool:
         return True
 
 
+@pytest.mark.slow  # a server (or the sandbox's subprocesses)
 def test_idle_and_half_sent_connections_are_closed(app_url):
     addr = _host_port(app_url)
     idle = socket.create_connection(addr)
@@ -219,6 +225,7 @@ def test_idle_and_half_sent_connections_are_closed(app_url):
         s.close()
 
 
+@pytest.mark.slow  # a server (or the sandbox's subprocesses)
 def test_connections_past_the_limit_are_closed_at_once(app_url):
     addr = _host_port(app_url)
     socks = [socket.create_connection(addr) for _ in range(20)]
@@ -291,7 +298,8 @@ def _wait(cond, seconds):
     return cond()
 
 
-@pytest.mark.parametrize("fault, status, says", [pytest.param("huge", 502, "too large", marks=pytest.mark.slow), ("number_content", 502, "unusable"),
+@pytest.mark.slow  # a server (or the sandbox's subprocesses)
+@pytest.mark.parametrize("fault, status, says", [("huge", 502, "too large"), ("number_content", 502, "unusable"),
                                                  ("500", 502, "HTTP 500")])
 def test_hostile_upstream_answers_are_502_without_their_body(upstream, fault, status, says):
     stub, probe_dir = upstream
@@ -303,6 +311,7 @@ def test_hostile_upstream_answers_are_502_without_their_body(upstream, fault, st
     assert "injected" not in e.body["message"] and stub.url not in e.body["message"]
 
 
+@pytest.mark.slow  # a server (or the sandbox's subprocesses)
 def test_an_upstream_url_with_a_password_is_never_echoed(upstream):
     stub, probe_dir = upstream
     secret = stub.url.replace("http://", "http://admin:pa55word@")
@@ -321,6 +330,7 @@ def test_an_upstream_url_with_a_password_is_never_echoed(upstream):
     assert "pa55word" not in str(err.value) and err.value.status is None and not err.value.timed_out
 
 
+@pytest.mark.slow  # a server (or the sandbox's subprocesses)
 # ------------------------------------------------------------------ keys: only to the hosts the user named
 def test_the_probe_files_host_gets_no_key_unless_given_for_it(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-ENV-SECRET")
@@ -352,6 +362,7 @@ def test_the_probe_files_host_gets_no_key_unless_given_for_it(tmp_path, monkeypa
         assert len(recorded.auth) == n + 2 and not any("SECRET" in a for a in recorded.auth)
 
 
+@pytest.mark.slow  # a server (or the sandbox's subprocesses)
 def test_serve_prints_the_extractor_host_at_start_up(tmp_path, monkeypatch):
     import uvicorn
     from click.testing import CliRunner
