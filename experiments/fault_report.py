@@ -8,7 +8,11 @@ tests/test_hostile.py assert on them). Round 2 (issue 16): outputs naming an inp
 files (on device nodes of its own, never the system's), absurd limits, features without a
 sidecar, about thirty malformed inputs, completions that try to forge a code reward, and
 the input files destroyed by all of it (must be 0). `--round2-only` runs just these
-(no model, minutes).
+(no model, minutes). The `serve` section (issue 24) runs a real `qprobe serve` process against
+hostile clients and a hostile upstream: requests refused with the right status, connections the
+server dropped, keys sent to hosts the user did not name (must be 0), error bodies echoing a
+password or an upstream body (must be 0), and the server's peak memory over its idle size
+(see qprobe/testing/serve_faults.py). `--serve-only` runs just it (about a minute).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from qprobe.testing.faults import (
     round2_figures,
     tiny_model,
 )
+from qprobe.testing.serve_faults import serve_faults, serve_figures
 
 
 # ------------------------------------------------------------------ the report
@@ -40,8 +45,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-model", action="store_true", help="skip the cases that need a local model")
     ap.add_argument("--round2-only", action="store_true",
                     help="run only the round-2 hostile inputs and forgeries (issue 16; no model, a few minutes)")
+    ap.add_argument("--serve-only", action="store_true",
+                    help="run only the serve section (issue 24; no model, about a minute)")
     a = ap.parse_args(argv)
     t0 = time.monotonic()
+    if a.serve_only:
+        with tempfile.TemporaryDirectory(prefix="qprobe-faults-") as tmp:
+            sv = serve_faults(Path(a.workdir or tmp) / "serve")
+        fig = {**serve_figures(sv), "seconds": round(time.monotonic() - t0, 1)}
+        _print_serve(sv)
+        print(json.dumps(fig))
+        return fig
     if a.round2_only:
         with tempfile.TemporaryDirectory(prefix="qprobe-faults-") as tmp:
             r2 = hostile_round2(Path(a.workdir or tmp) / "round2")
@@ -62,6 +76,7 @@ def main(argv=None) -> dict:
         hostile = hostile_inputs(work / "hostile", model_dir)
         empty = empty_completions(work / "empty", model_dir)
         r2 = hostile_round2(work / "round2")
+        sv = serve_faults(work / "serve")
     fig = {
         "runs_interrupted": sum(k["interrupted"] for k in kills),
         "rows_recovered": sum(k["recovered"] for k in kills),
@@ -81,10 +96,12 @@ def main(argv=None) -> dict:
         + sum(e["rc"] == 0 for e in empty),
         "shared_cache_runs_correct": 2 * shared["both_correct"],
         **round2_figures(r2),
+        **serve_figures(sv),
         "seconds": round(time.monotonic() - t0, 1),
     }
     _print(kills, faults, dead, shared, hostile, empty)
     _print_round2(r2)
+    _print_serve(sv)
     print(json.dumps(fig))
     return fig
 
@@ -99,6 +116,23 @@ def _print_round2(r2: dict) -> None:
         print(f"  {'FORGED' if x['forged'] else 'held  '} {x['what']:<52} {x['reward']:.1f} {x['reason'][:60]}")
     print(f"inputs destroyed: {len(r2['destroyed'])} of {r2['inputs_watched']} watched "
           + (", ".join(r2["destroyed"]) if r2["destroyed"] else ""))
+
+
+def _print_serve(sv: dict) -> None:
+    print("serve under attack (issue 24): qprobe serve as a process, $OPENAI_API_KEY set, an upstream URL with a "
+          "password, --deadline 3, --max-connections 64")
+    for x in sv["entries"]:
+        mark = "ok " if x["ok"] and not x["echo"] else "BAD"
+        took = f" in {x['seconds']} s" if "seconds" in x else ""
+        print(f"  {mark} {x['what']:<44} want {x['want']} got {x['got']}{took}  {x['message'][:70]}")
+    c = sv["connections"]
+    print(f"  connections: {c['half_sent_closed']} of {c['half_sent']} holding an unfinished 1 MiB body closed "
+          f"within {c['half_sent_seconds']} s; {c['idle_closed']} of {c['idle']} idle closed within "
+          f"{c['idle_seconds']} s")
+    print(f"  keys sent to a host the user did not name them for: {sv['keys_leaked']} "
+          f"({sv['recorded_host_requests']} requests reached the probe file's host)")
+    print(f"  memory: {sv['idle_mib']} MiB idle, peak {sv['peak_mib']} MiB "
+          f"(+{round(sv['peak_mib'] - sv['idle_mib'], 1)} MiB)")
 
 
 def _print(kills, faults, dead, shared, hostile, empty) -> None:

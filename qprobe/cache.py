@@ -7,8 +7,11 @@ share one cache directory at once (SQLite does the locking; we use it rather tha
 hand-written lock files for exactly that reason).
 
 It does not decide what to compute: the samplers and embedders ask it first.
-A cache file that is not an SQLite database (or that SQLite finds corrupt) is one
-`QProbeError` naming it; an entry whose value cannot be decoded counts as missing,
+The file is marked as qprobe's (``PRAGMA application_id``); a file that is not
+an SQLite database, that SQLite finds corrupt, or that belongs to another
+application is one `QProbeError` naming it, and is neither changed nor
+emptied. A cache written before the mark existed (only qprobe's one ``kv``
+table, same columns) is marked when opened; an entry whose value cannot be decoded counts as missing,
 so it is computed again and overwritten.
 """
 from __future__ import annotations
@@ -26,6 +29,8 @@ import numpy as np
 
 from qprobe.errors import QProbeError, one_line
 
+APPLICATION_ID = 0x51507262  # "QPrb": PRAGMA application_id of qprobe's cache files
+_KV_COLUMNS = [("k", "TEXT", 1), ("kind", "TEXT", 0), ("v", "BLOB", 0)]  # (name, type, pk) of our one table
 DEFAULT_CACHE_DIR = Path(os.environ.get("QPROBE_CACHE", Path.home() / ".cache" / "qprobe"))
 
 
@@ -51,11 +56,26 @@ class Cache:
     def _error(self, e: Exception) -> QProbeError:
         return QProbeError(f"{self.path}: cache unusable ({one_line(e)}); delete it or give another --cache-dir")
 
+    def _claim(self, c: sqlite3.Connection) -> None:
+        """Refuse a database that is not qprobe's; mark a new (or pre-mark qprobe) one as ours."""
+        app_id = c.execute("PRAGMA application_id").fetchone()[0]
+        if app_id == APPLICATION_ID:
+            return
+        tables = [r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")]
+        ours = app_id == 0 and (not tables or (tables == ["kv"] and [
+            (r[1], r[2].upper(), r[5]) for r in c.execute("PRAGMA table_info(kv)")] == _KV_COLUMNS))
+        if not ours:
+            named = " with tables " + ", ".join(tables[:3]) if tables else ""
+            raise QProbeError(f"{self.path}: not a qprobe cache (another application's SQLite database{named}); "
+                              "it was left as it was: give another --cache-dir")
+        c.execute(f"PRAGMA application_id={APPLICATION_ID}")
+
     def _open(self) -> None:
         # WAL is a property of the database file, set once here. Changing the journal
         # mode can fail with "database is locked" at once, without waiting for the busy
         # timeout, while another process writes; so retry it for a while.
         c = self._conn()
+        self._claim(c)  # before anything writes to the file
         for attempt in range(600):
             try:
                 c.execute("PRAGMA journal_mode=WAL")
@@ -128,7 +148,10 @@ class Cache:
 
     def stats(self) -> dict:
         """Entries by kind (``json``: completions and rewards, ``f32``: feature vectors) and bytes on disk."""
-        counts = dict(self._conn().execute("SELECT kind, COUNT(*) FROM kv GROUP BY kind").fetchall())
+        try:
+            counts = dict(self._conn().execute("SELECT kind, COUNT(*) FROM kv GROUP BY kind").fetchall())
+        except sqlite3.DatabaseError as e:
+            raise self._error(e) from None
         files = [self.path, self.path.with_name(self.path.name + "-wal")]
         return {"path": str(self.path), "entries": counts, "bytes": sum(f.stat().st_size for f in files if f.exists())}
 
@@ -138,12 +161,15 @@ class Cache:
         Safe while another process uses the cache (SQLite locks): that process only
         finds its finished work gone and recomputes it.
         """
-        conn = self._conn()
-        with conn:
-            conn.execute("BEGIN IMMEDIATE")
-            n = conn.execute("DELETE FROM kv").rowcount
-        conn.execute("VACUUM")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            conn = self._conn()
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                n = conn.execute("DELETE FROM kv").rowcount
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.DatabaseError as e:
+            raise self._error(e) from None
         return n
 
     def __bool__(self) -> bool:  # an empty cache is still a cache (`cache or default` must keep it)

@@ -191,9 +191,9 @@ def prompts(dataset, source, output, splits, limit):
               help="Local models: guided decoding with this prefix value probe (`train --prefix`).")
 @click.option("--chunk", default="32", show_default=True, metavar="N|line",
               help="--guide: tokens per chunk, or 'line' (a chunk ends at a line end).")
-@click.option("--branch", type=click.IntRange(1), default=4, show_default=True,
+@click.option("--branch", type=click.IntRange(1, 64), default=4, show_default=True,
               help="--guide: continuations proposed per row at each chunk boundary.")
-@click.option("--beta", type=click.FloatRange(0), default=0.1, show_default=True,
+@click.option("--beta", type=Finite(0), default=0.1, show_default=True,
               help="--guide: keep a continuation with probability softmax(Q / beta); 0 = argmax, inf = uniform.")
 @cache_options
 @user_errors
@@ -355,7 +355,7 @@ where_option = click.option("--where", multiple=True, metavar="FIELD=V1,V2",
               help="Demonstrations (e.g. reference solutions): a field of the rows, or a JSONL file of prompt_id, "
                    "completion. Each is embedded as a completion of its prompt with the features' extractor and "
                    "trained on as a reward-1 row of that prompt (pg: it joins the prompt's group).")
-@click.option("--demo-weight", type=click.FloatRange(0), default=None,
+@click.option("--demo-weight", type=Finite(0), default=None,
               help="Loss weight of each demonstration [default: chosen by cross-validation from 0, 1, 3, 10 "
                    "with --tune (0 leaves them out), else 1].")
 @click.option("--demo-template", default="{demo}", show_default=True,
@@ -373,13 +373,16 @@ where_option = click.option("--where", multiple=True, metavar="FIELD=V1,V2",
 @click.option("--cascade", default=None, metavar="FIELD",
               help="Choose only among each prompt's rows at its maximum of FIELD (e.g. shown: the candidates "
                    "that pass the shown tests; all rows where none does); trains on those rows. Recorded.")
+@click.option("--extractor-api-key", default=None,
+              help="--demos with features from an API extractor: the key for the host their sidecar records "
+                   "(that host comes from a file, so it never gets $OPENAI_API_KEY).")
 @cache_options
 @where_option
 @features_unchecked_option
 @user_errors
 def train(rows, features, output, objective, beta, chunk_k, epochs, lr, alpha, hidden, tune_folds, prefix, seed, demos,
-          demo_weight, demo_template, reward_transform, signals, cascade, cache_dir, no_cache, where,
-          features_unchecked):
+          demo_weight, demo_template, reward_transform, signals, cascade, extractor_api_key, cache_dir, no_cache,
+          where, features_unchecked):
     """Fit a Q-probe on rewarded rows and their features."""
     from qprobe.pipeline import train_file
 
@@ -393,6 +396,7 @@ def train(rows, features, output, objective, beta, chunk_k, epochs, lr, alpha, h
                                    features_unchecked=features_unchecked, prefix=prefix, demos=demos,
                                    demo_weight=demo_weight, demo_template=demo_template,
                                    reward_transform=reward_transform, signals=signals, cascade=cascade,
+                                   demos_api_key=extractor_api_key,
                                    cache=make_cache(cache_dir, no_cache) if demos else None, **params)
     if tuned:
         chosen = ", ".join(f"{k} {v:g}" for k, v in tuned.params.items())
@@ -479,10 +483,10 @@ def format_report(rep: dict) -> str:
 @click.option("--rule", type=click.Choice(["optimism", "greedy", "uniform"]), default="optimism", show_default=True,
               help="optimism: Q + C * uncertainty (ridge bonus sqrt(x^T A^-1 x) for mse, bootstrap spread "
                    "otherwise); greedy: highest Q; uniform: at random. Round 0 is uniform for all.")
-@click.option("--explore", "c", type=click.FloatRange(0), default=0.1, show_default=True,
+@click.option("--explore", "c", type=Finite(0), default=0.1, show_default=True,
               help="optimism: C (on MBPP, C = 1 mostly explored and found 6x fewer passes than 0.1).")
 @click.option("--objective", type=click.Choice(["mse", "ce", "pg"]), default="mse", show_default=True)
-@click.option("--alpha", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+@click.option("--alpha", type=Finite(0, min_open=True), default=1.0, show_default=True,
               help="mse / ce: L2 penalty (also the ridge bonus's).")
 @click.option("--ensemble", type=click.IntRange(2), default=5, show_default=True,
               help="optimism with ce / pg: bootstrap probes.")
@@ -492,9 +496,10 @@ def format_report(rep: dict) -> str:
               help="Rows to report pass@1 on (argmax, ties split); they need a stored reward.")
 @click.option("--kind", default="stored", show_default=True,
               help="The reward asked for: stored (the rows' `reward` field, a simulated labeller) or any "
-                   "`qprobe reward --kind`.")
-@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=3.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+                   "`qprobe reward --kind`; python:MODULE:FN imports your module and runs it in this process, "
+                   "NOT sandboxed.")
+@click.option("--timeout", type=Finite(0, MAX_SECONDS, min_open=True), default=3.0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the rounds as one JSON list.")
 @user_errors
 def loop(rows, features, state_path, rounds, budget, rule, c, objective, alpha, ensemble, pool, held_out, kind,
@@ -615,56 +620,104 @@ def cache_clear(cache_dir, yes):
 
 
 # --------------------------------------------------------------------------- serve
+def read_key_file(path: str, flag: str) -> str:
+    """The one-line key in `path`; warns when other users may read it."""
+    import os
+    import stat
+
+    try:
+        raw = Path(path).read_bytes()
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise QProbeError(f"{flag} {path}: {e.strerror or type(e).__name__}") from None
+    try:
+        token = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise QProbeError(f"{flag} {path}: not UTF-8 text (expected one line holding the key)") from None
+    if not token:
+        raise QProbeError(f"{flag} {path} is empty")
+    if "\n" in token or any(ord(c) < 32 or ord(c) == 127 for c in token):
+        raise QProbeError(f"{flag} {path}: expected one line holding the key, without control characters")
+    if mode & stat.S_IROTH:
+        click.echo(f"warning: {flag} {path} can be read by every user of this machine (chmod 600 {path})", err=True)
+    return token
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option("--probe", "probe_dir", required=True, type=click.Path(file_okay=False), help="Probe folder.")
 @click.option("--model", "-m", default=None, help="Local model [default: smollm2-135m when no --api-base].")
 @click.option("--api-base", default=None, help="Upstream OpenAI-compatible server, e.g. http://127.0.0.1:8123/v1.")
 @click.option("--api-model", default=None, help="Model name on the upstream server (required with --api-base).")
-@click.option("--api-key", default=None, envvar="OPENAI_API_KEY", show_envvar=True, help="Key for the upstream.")
+@click.option("--api-key", default=None, envvar="OPENAI_API_KEY", show_envvar=True,
+              help="Key for the upstream (--api-base) only; the probe's API extractor gets it only when it is "
+                   "the same host.")
+@click.option("--extractor-api-key", default=None,
+              help="Key for the host of the probe's API extractor (recorded in the probe file, printed at start-up); "
+                   "without it that host gets no key.")
 @click.option("--api-key-file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="File holding the bearer token clients must send [default: $QPROBE_SERVE_API_KEY; none: no auth].")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A name clients may reach the server by (Host and Origin), besides the bound address and "
+                   "localhost (repeatable). Others get 403: a web page cannot drive the server.")
 @click.option("--served-model-name", default=None, help="Name clients send as `model` [default: the model's].")
 @click.option("-k", type=click.IntRange(1), default=4, show_default=True, help="Candidates per request (extra_body k).")
-@click.option("--beta", type=click.FloatRange(0), default=None, help="Selection temperature [default: the probe's].")
-@click.option("--max-k", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--beta", type=Finite(0), default=None, help="Selection temperature [default: the probe's].")
+@click.option("--max-k", type=click.IntRange(1, 1024), default=32, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True,
               help="Default and largest max_tokens.")
-@click.option("--temperature", type=click.FloatRange(0), default=0.8, show_default=True)
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
-@click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
-              help="Requests in flight before new ones get 503.")
+@click.option("--temperature", type=Finite(0, 2), default=0.8, show_default=True)
+@click.option("--top-p", type=Finite(0, 1, min_open=True), default=0.95, show_default=True)
+@click.option("--max-queue", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Requests in flight before new ones get 503 (also the upstream thread pool's size).")
+@click.option("--max-connections", type=click.IntRange(1, 65536), default=256, show_default=True,
+              help="Open connections; more are closed at once (idle ones close after 10 s without headers).")
 @click.option("--max-request-bytes", type=click.IntRange(1), default=1 << 20, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Local: rows decoded together.")
 @click.option("--device", default=None, help="torch device [default: cuda if present, else cpu].")
 @click.option("--dtype", default=None, help="torch dtype [default: bfloat16 on cuda, float32 on cpu].")
-@click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True)
-@click.option("--max-retries", type=click.IntRange(0), default=2, show_default=True, help="Upstream retries.")
+@click.option("--request-timeout", type=Finite(0, MAX_SECONDS, min_open=True), default=60.0, show_default=True,
+              help="Upstream: seconds per attempt, the whole answer included.")
+@click.option("--deadline", type=Finite(0, MAX_SECONDS, min_open=True), default=300.0, show_default=True,
+              help="Seconds a request may take from admission to answer; past it, 504.")
+@click.option("--max-retries", type=click.IntRange(0, 20), default=2, show_default=True, help="Upstream retries.")
 @user_errors
-def serve(probe_dir, model, api_base, api_model, api_key, api_key_file, host, port, served_model_name, k, beta,
-          max_k, max_tokens, temperature, top_p, max_queue, max_request_bytes, batch_size, device, dtype,
-          request_timeout, max_retries):
-    """Serve an OpenAI-compatible API that answers with the probe's choice among k samples."""
+def serve(probe_dir, model, api_base, api_model, api_key, extractor_api_key, api_key_file, host, port, allowed_hosts,
+          served_model_name, k, beta, max_k, max_tokens, temperature, top_p, max_queue, max_connections,
+          max_request_bytes, batch_size, device, dtype, request_timeout, deadline, max_retries):
+    """Serve an OpenAI-compatible API that answers with the probe's choice among k samples.
+
+    A request may carry tests (extra_body={"tests": [...]}: asserts, or a string of code); they run
+    in the sandbox against each candidate, and candidates that pass are preferred. See docs/safety.md
+    for what the server promises and what it does not.
+    """
     import os
 
     from qprobe.serve import build
 
     _backend(model, api_base, api_model)
-    token = open(api_key_file).read().strip() if api_key_file else os.environ.get("QPROBE_SERVE_API_KEY") or None
-    if api_key_file and not token:
-        raise QProbeError(f"--api-key-file {api_key_file} is empty")
+    token = read_key_file(api_key_file, "--api-key-file") if api_key_file else (
+        os.environ.get("QPROBE_SERVE_API_KEY") or None)
     app = build(probe_dir, model=model, api_base=api_base, api_model=api_model, api_key=api_key,
-                served_model_name=served_model_name, k=k, beta=beta, batch_size=batch_size, device=device,
-                dtype=dtype, request_timeout=request_timeout, max_retries=max_retries, server_api_key=token,
-                max_k=max_k, max_tokens=max_tokens, temperature=temperature, top_p=top_p, max_queue=max_queue,
-                max_request_bytes=max_request_bytes)
+                extractor_key=extractor_api_key, served_model_name=served_model_name, k=k, beta=beta,
+                batch_size=batch_size, device=device, dtype=dtype, request_timeout=request_timeout,
+                max_retries=max_retries, server_api_key=token, max_k=max_k, max_tokens=max_tokens,
+                temperature=temperature, top_p=top_p, max_queue=max_queue, max_request_bytes=max_request_bytes,
+                deadline=deadline, bind_host=host, allowed_hosts=tuple(allowed_hosts))
     import uvicorn
 
+    from qprobe.serve.guard import uvicorn_config
+
+    backend = app.state.backend
+    if backend.extractor_host:
+        sent = "a key" if backend.extractor_key_sent else "no key"
+        click.echo(f"the probe's feature extractor sends every prompt and completion to {backend.extractor_host} "
+                   f"({sent}; the host is recorded in {probe_dir}/config.json)", err=True)
     click.echo(f"serving {app.state.config.model_id} on http://{host}:{port}/v1 (k {app.state.config.k}, "
                f"beta {app.state.config.beta:g}, auth {'on' if token else 'off'})", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.Server(uvicorn_config(app, host, port, max_connections=max_connections)).run()
 
 
 def main():

@@ -65,8 +65,12 @@ def demo_items(rows: list[dict], source: str, template: str = "{demo}", path="ro
     return [(prompts[k]["prompt_id"], prompts[k]["prompt"], template.replace("{demo}", d)) for k, d in found.items()]
 
 
-def embedder_from_identity(identity: dict | None):
-    """The embedder that made features with this recorded identity (hf, sentence or api)."""
+def embedder_from_identity(identity: dict | None, api_key: str | None = None):
+    """The embedder that made features with this recorded identity (hf, sentence or api).
+
+    An ``api`` extractor's host was read from the features' sidecar: it gets `api_key`
+    (given by the user for it, ``--extractor-api-key``) and never ``$OPENAI_API_KEY``.
+    """
     from qprobe.embedders import get_embedder
 
     if not identity or "kind" not in identity:
@@ -78,9 +82,7 @@ def embedder_from_identity(identity: dict | None):
         raise QProbeError(f"--demos: cannot rebuild an extractor of kind {kind!r}")
     spec = {"kind": kind, **{k: identity[k] for k in keep if k in identity}}
     if kind == "api":
-        import os
-
-        spec["api_key"] = os.environ.get("OPENAI_API_KEY")
+        spec.update(api_key=api_key, env_key=False)
     emb = get_embedder(spec)
     if emb.identity() != identity:
         raise QProbeError(f"--demos: rebuilt extractor {emb.identity()} differs from the features' {identity}")

@@ -22,6 +22,7 @@ before the next begins, and takes the reward as a callable, so it never touches 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -185,11 +186,15 @@ def run_loop(X, groups, pool, evaluate: Callable, oracle: Callable, state_path, 
     if state_path.exists():
         try:
             state = json.loads(state_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise QProbeError(f"{state_path}: unreadable loop state ({e}); move it away to start over") from None
+        except (OSError, ValueError, RecursionError) as e:
+            raise QProbeError(f"{state_path}: unreadable loop state ({str(e)[:80] or type(e).__name__}); "
+                              "move it away to start over") from None
+        if not isinstance(state, dict) or not isinstance(state.get("rounds"), list):
+            raise QProbeError(f"{state_path}: not a loop state (expected an object with header and rounds); "
+                              "move it away to start over")
         if state.get("header") != json.loads(json.dumps(header)):
             raise QProbeError(f"{state_path}: a loop with other settings; use another --state or the same settings")
-        done = state["rounds"]
+        done = check_rounds(state["rounds"], pool, set(evaluate(np.zeros(len(groups)))), state_path)
     labelled = np.zeros(len(groups), dtype=bool)
     y = np.zeros(len(groups))
     for rec in done:
@@ -217,6 +222,49 @@ def run_loop(X, groups, pool, evaluate: Callable, oracle: Callable, state_path, 
         if on_round:
             on_round(rec)
     return done
+
+
+def check_rounds(rounds: list, pool: np.ndarray, report_keys: set, where) -> list[dict]:
+    """The committed rounds of a state file, checked as a schema; a QProbeError naming the round otherwise.
+
+    Each round is ``{"round": i, "rows": [...], "rewards": [...], "labels": n, "positives": m, <report>}``:
+    rows are distinct indices of pool rows (never a held-out row, never negative), labelled once
+    across rounds; rewards are finite numbers, one per row; labels counts the rows so far.
+    """
+    labelled = np.zeros(len(pool), dtype=bool)
+    need = {"round", "rows", "rewards", "labels", "positives"} | set(report_keys)
+    for i, rec in enumerate(rounds):
+        at = f"{where}: round {i}"
+        if not isinstance(rec, dict) or not need <= set(rec):
+            missing = sorted(need - set(rec)) if isinstance(rec, dict) else None
+            raise QProbeError(f"{at}: expected an object with {', '.join(sorted(need))}"
+                              + (f" (missing {', '.join(missing)})" if missing else ""))
+        rows, rewards = rec["rows"], rec["rewards"]
+        if rec["round"] != i or isinstance(rec["round"], bool):
+            raise QProbeError(f"{at}: records round {rec['round']!r}")
+        if not isinstance(rows, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
+            raise QProbeError(f"{at}: rows must be a list of row numbers")
+        bad = [r for r in rows if not 0 <= r < len(pool)]
+        if bad:
+            raise QProbeError(f"{at}: row {bad[0]} is out of range 0..{len(pool) - 1}")
+        outside = [r for r in rows if not pool[r]]
+        if outside:
+            raise QProbeError(f"{at}: row {outside[0]} is not in the pool (a held-out row's label would train "
+                              "the probe on the test set)")
+        idx = np.asarray(rows, dtype=np.int64)
+        if len(set(rows)) != len(rows) or labelled[idx].any():
+            raise QProbeError(f"{at}: a row is labelled twice")
+        if not isinstance(rewards, list) or len(rewards) != len(rows) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in rewards):
+            raise QProbeError(f"{at}: rewards must be {len(rows)} finite numbers, one per row")
+        labelled[idx] = True
+        if rec["labels"] != int(labelled.sum()):
+            raise QProbeError(f"{at}: labels {rec['labels']!r}, but the rounds so far label {int(labelled.sum())} rows")
+        for key in ("positives", *sorted(report_keys)):
+            v = rec[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise QProbeError(f"{at}: {key} must be a finite number")
+    return rounds
 
 
 def labels_to_reach(records: list[dict], target: float, key: str = "pass1") -> int | None:

@@ -207,7 +207,7 @@ def load_rows_features(rows_path, features_path, need_reward=True, where=None, f
 
 def train_file(rows_path, features_path, out_dir, where=None, tune_folds=None, features_unchecked=False,
                prefix=False, demos=None, demo_weight=None, demo_template="{demo}", reward_transform="none", cache=None,
-               signals=(), cascade=None, **probe_params):
+               signals=(), cascade=None, demos_api_key=None, **probe_params):
     """Fit and save a probe; with ``tune_folds``, regularisation and beta come from cross-validation.
 
     With ``prefix``, a value probe: one training row per kept prefix (features from
@@ -251,7 +251,7 @@ def train_file(rows_path, features_path, out_dir, where=None, tune_folds=None, f
         items = demo_items(rows, demos, demo_template, rows_path)
         label = {json.dumps(r["prompt_id"]): g for r, g in zip(rows, groups)}  # prompt -> group label
         gd = np.array([label[json.dumps(pid)] for pid, _, _ in items])
-        emb = embedder_from_identity(meta.get("extractor"))
+        emb = embedder_from_identity(meta.get("extractor"), demos_api_key)
         Xd = emb.embed([(p, c) for _, p, c in items], cache=cache, desc="demonstrations").astype(X.dtype)
         info["n_demos"] = len(items)
     ref = np.r_[np.ones(len(y), bool), np.zeros(0 if gd is None else len(gd), bool)]

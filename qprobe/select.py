@@ -377,3 +377,42 @@ def selection_report(q, rewards, groups, beta: float, candidates=None) -> dict:
         "ess": float(np.mean(effective_sample_size(w, gi))),
         "gap_closed": (probe - base) / (oracle - base) if oracle > base else float("nan"),
     }
+
+
+def top_n_draw(q, n: int, beta: float, random_state=None) -> np.ndarray:
+    """Draw `n` distinct rows of one group by softmax(q / beta), without replacement (top n at beta 0).
+
+    The Gumbel-top-n trick on the log-weights ``q / beta``: the argsort of
+    ``q / beta + Gumbel noise`` is sequential sampling without replacement from
+    softmax(q / beta), so the first row is distributed exactly as
+    `select_indices` draws it. It works in log space: at a small beta the weights
+    of all but one row underflow to 0, yet the order of the rest still follows q
+    (a draw on ``log(weights)`` would order them by index).
+
+    Parameters
+    ----------
+    q : array-like of shape (k,)
+        Scores of one group's rows.
+    n : int
+        Rows to return, 1 <= n <= k.
+    beta : float
+        Temperature >= 0; 0 takes the n highest q (ties to the lowest index), inf draws uniformly.
+    random_state : None, int or numpy.random.Generator
+        Source of the draw when beta > 0.
+
+    Returns
+    -------
+    indices : ndarray of int64, shape (n,)
+        Row indices in draw order.
+    """
+    q = _check_q(q)
+    beta = _check_beta(beta)
+    k = q.shape[0]
+    if not 1 <= n <= k:
+        raise QProbeError(f"n must be in 1..{k}, got {n}")
+    if beta == 0:
+        order = np.lexsort((np.arange(k), -q))  # q descending, ties to the lowest index
+    else:
+        logits = np.zeros(k) if np.isinf(beta) else (q - q.max()) / beta  # finite: q is checked finite
+        order = np.argsort(-(logits + _rng(random_state).gumbel(size=k)), kind="stable")
+    return order[:n].astype(np.int64)

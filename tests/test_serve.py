@@ -223,7 +223,7 @@ def test_raw_http_errors(stub_app):
     import httpx2 as httpx
 
     url, h = stub_app[0], {"Authorization": f"Bearer {KEY}"}
-    r = httpx.post(url + "/completions", content=b"{not json", headers=h)
+    r = httpx.post(url + "/completions", content=b"{not json", headers={**h, "Content-Type": "application/json"})
     assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"]
     r = httpx.post(url + "/completions", json=[1, 2], headers=h)
     assert r.status_code == 400

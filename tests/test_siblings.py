@@ -185,7 +185,7 @@ def test_train_with_demos_and_transform(tmp_path, monkeypatch):
 
     rows, feats = _files(tmp_path, extra=lambda p: {"code": f"return {p}"} if p % 2 else {})
     fake = FakeEmbedder()
-    monkeypatch.setattr(qprobe.demos, "embedder_from_identity", lambda ident: fake)
+    monkeypatch.setattr(qprobe.demos, "embedder_from_identity", lambda ident, api_key=None: fake)
     base = ["train", str(rows), str(feats), "--objective", "ce", "--where", "split=train"]
     r = CliRunner().invoke(cli, base + ["-o", str(tmp_path / "p"), "--demos", "code", "--demo-weight", "2",
                                         "--demo-template", "```python\n{demo}\n", "--reward-transform", "calibrated"])

@@ -71,11 +71,18 @@ class OpenAIEmbedder(Embedder):
         server already returns one vector per input).
     backoff : float
         First retry delay in seconds (doubles per retry, jittered).
+    env_key : bool
+        Read a missing `api_key` from ``$OPENAI_API_KEY``. False when the host was read
+        from a file (a probe's or a feature file's recorded extractor): no key goes to a
+        host the user did not name.
+    max_bytes : int, optional
+        Largest answer read from the server.
     """
 
     def __init__(self, api_base: str, model: str, api_key: str | None = None, batch_size: int = 64,
                  max_chars_per_batch: int = 200_000, concurrency: int = 4, timeout: float = 60,
-                 max_retries: int = 6, pooling: str = "mean", backoff: float = 0.5):
+                 max_retries: int = 6, pooling: str = "mean", backoff: float = 0.5, env_key: bool = True,
+                 max_bytes: int | None = None):
         if pooling not in ("mean", "last"):
             raise QProbeError(f"pooling must be 'mean' or 'last', not {pooling!r}")
         self.api_base = api_base.rstrip("/")
@@ -85,7 +92,8 @@ class OpenAIEmbedder(Embedder):
         self.max_chars_per_batch = int(max_chars_per_batch)
         self.concurrency = max(1, int(concurrency))
         self.batch_size = self.request_size * self.concurrency  # what the base class hands embed_batch
-        self.api = ApiClient(self.api_base, api_key, timeout=timeout, max_retries=max_retries, backoff=backoff)
+        self.api = ApiClient(self.api_base, api_key, timeout=timeout, max_retries=max_retries, backoff=backoff,
+                             env_key=env_key, **({} if max_bytes is None else {"max_bytes": max_bytes}))
 
     @property
     def n_requests(self) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 from qprobe.errors import QProbeError
 
 LINE = "line"
+MAX_BRANCH = 64  # continuations per row per chunk: each is a row of the batch, so k x branch rows decode together
 
 
 def parse_every(value, flag: str = "--prefix-every"):
@@ -80,12 +81,16 @@ class Guide:
         if emb.get("model") != model:
             raise QProbeError(f"{where} was trained on features of {emb.get('model')!r}, but the sampler's model "
                               f"is {model!r}")
+        if emb["pooling"] not in ("last", "mean"):
+            raise QProbeError(f"{where} records pooling {emb['pooling']!r}; a guide reads 'last' or 'mean'")
+        if isinstance(emb["layer"], bool) or not isinstance(emb["layer"], int):
+            raise QProbeError(f"{where} records layer {emb['layer']!r}, not a whole number")
         self.layer, self.pooling = int(emb["layer"]), emb["pooling"]
         self.chunk = parse_every(chunk, "--chunk")
         self.branch = int(branch)
         self.beta = float(beta)
-        if self.branch < 1:
-            raise QProbeError(f"--branch {branch}: must be at least 1")
+        if not 1 <= self.branch <= MAX_BRANCH:
+            raise QProbeError(f"--branch {branch}: must be 1..{MAX_BRANCH}")
         if not self.beta >= 0:
             raise QProbeError(f"--beta {beta}: must be >= 0")
 

@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from qprobe.errors import QProbeError
-from qprobe.hfmodel import DEFAULT_MODEL, completion_ids, load_model, norm_layer, prompt_ids
+from qprobe.hfmodel import DEFAULT_MODEL, completion_ids, load_model, model_layers, norm_layer, prompt_ids
 from qprobe.samplers.base import Captured, Sample, Sampler, SampleJob, row_seed
 from qprobe.samplers.guide import Guide, parse_every, prefix_points
 from qprobe.samplers.stops import truncate
@@ -185,7 +185,13 @@ class HFSampler(Sampler):
         model, tok = load_model(self.model, self.device, self.dtype)
         # hidden-state layers kept per fed token: the captured ones, then the guide's
         self._cap_layers = [norm_layer(model, l) for l, _ in self.capture]
-        self._layers = list(dict.fromkeys(self._cap_layers + ([self.guide.layer] if self.guide else [])))
+        if self.guide:
+            try:
+                self._guide_layer = norm_layer(model, self.guide.layer)
+            except QProbeError:
+                raise QProbeError(f"the guide probe records layer {self.guide.layer}, but {self.model} has layers "
+                                  f"0..{model_layers(model)}") from None
+        self._layers = list(dict.fromkeys(self._cap_layers + ([self._guide_layer] if self.guide else [])))
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
         eos.discard(None)
@@ -343,7 +349,7 @@ class HFSampler(Sampler):
         g = self._guided[j]
         rows = [r for r, s in enumerate(batch.slots) if s.job == j]
         cands = [batch.slots[r] for r in rows] + g.parked
-        li = self._layers.index(self.guide.layer)
+        li = self._layers.index(self._guide_layer)
         feats = [self._pooled(s, li, s.done[1] if s.done else len(s.ids) - 1, self.guide.pooling) for s in cands]
         c, _ = self.guide.choose(np.stack(feats), g.rng)
         win, g.parked = cands[c], []

@@ -11,7 +11,8 @@ Each request asks for the log-probability of every sampled token (``logprobs``),
 kept as ``token_logprobs`` and ``n_tokens`` like the local sampler's rows, when
 the server returns them (vLLM does, by default from the raw model distribution,
 i.e. at temperature 1; a server that ignores the field just leaves them out, and
-one that rejects it with an error naming log-probs is asked again without).
+one that refuses the request (HTTP 400/422) is asked once again without; if that
+works, log-probs stay off for this sampler).
 
 Requests run on `concurrency` threads and results are yielded as each request
 finishes, so the base class caches them before any later failure surfaces.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import json
 from typing import Iterator, Sequence
 
-from qprobe.apiclient import ApiClient, BadResponse
+from qprobe.apiclient import ApiClient, ApiError, BadResponse
 from qprobe.pool import TaskPool
 from qprobe.errors import QProbeError
 from qprobe.samplers.base import Sample, Sampler, SampleJob
@@ -81,13 +82,24 @@ class OpenAISampler(Sampler):
     logprobs : bool
         Ask for the sampled tokens' log-probabilities; turn off for a server that
         rejects the field.
+    env_key : bool
+        Read a missing `api_key` from ``$OPENAI_API_KEY`` (see `qprobe.apiclient`).
+    max_bytes : int, optional
+        Largest answer read from the server.
+
+    Attributes set per call (on a copy, as `qprobe serve` does): ``deadline`` (a
+    `time.monotonic()` time by which every request must be answered) and ``cancel``
+    (a `threading.Event`; set, the requests give up at once). Both default to None.
     """
+
+    deadline: float | None = None
+    cancel = None  # threading.Event | None
 
     def __init__(self, api_base: str, model: str, api_key: str | None = None, mode: str = "chat",
                  temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 256,
                  stop: str | list[str] | None = None, n_per_request: int | None = None,
                  concurrency: int = 4, timeout: float = 60, max_retries: int = 6, backoff: float = 0.5,
-                 logprobs: bool = True):
+                 logprobs: bool = True, env_key: bool = True, max_bytes: int | None = None):
         if mode not in ("chat", "completions"):
             raise QProbeError(f"sampler mode must be 'chat' or 'completions', not {mode!r}")
         if n_per_request is not None and int(n_per_request) < 1:
@@ -102,7 +114,8 @@ class OpenAISampler(Sampler):
         self.n_per_request = None if n_per_request is None else int(n_per_request)
         self.concurrency = int(concurrency)
         self.logprobs = bool(logprobs)
-        self.api = ApiClient(self.api_base, api_key, timeout=timeout, max_retries=max_retries, backoff=backoff)
+        self.api = ApiClient(self.api_base, api_key, timeout=timeout, max_retries=max_retries, backoff=backoff,
+                             env_key=env_key, **({} if max_bytes is None else {"max_bytes": max_bytes}))
 
     @property
     def n_requests(self) -> int:
@@ -141,18 +154,28 @@ class OpenAISampler(Sampler):
         for c in choices:
             if not isinstance(c, dict) or not (isinstance(c.get("text"), str) or isinstance(c.get("message"), dict)):
                 raise BadResponse("a choice has neither text nor message")
+            if "text" not in c and not isinstance(c["message"].get("content"), (str, type(None))):
+                raise BadResponse(f"a choice's message content is a {type(c['message']['content']).__name__}, "
+                                  "not a string")
 
     def _request(self, jobs: list[SampleJob], stop) -> list[dict]:
         """Up to len(jobs) results for jobs that share one prompt (fewer if the server says so)."""
         path, body = self._body(jobs[0].prompt, len(jobs), jobs[0].seed)
+        post = dict(check=self._check, stop=stop, deadline=self.deadline, cancel=self.cancel)
         try:
-            data = self.api.post_json(path, body, check=self._check, stop=stop)
-        except QProbeError as e:
-            if "logprobs" not in body or "logprob" not in str(e).lower():
+            data = self.api.post_json(path, body, **post)
+        except ApiError as e:
+            if "logprobs" not in body or e.status not in (400, 422):
                 raise
-            self.logprobs = False  # the server refuses log-probs (e.g. a llama.cpp model without logits_all)
+            # the server refused the request: if it is the log-probs (e.g. a llama.cpp model without
+            # logits_all), the same request without them works, and they stay off
+            self.logprobs = False
             path, body = self._body(jobs[0].prompt, len(jobs), jobs[0].seed)
-            data = self.api.post_json(path, body, check=self._check, stop=stop)
+            try:
+                data = self.api.post_json(path, body, **post)
+            except ApiError:
+                self.logprobs = True  # not the log-probs: the first error is the one to report
+                raise e from None
         choices = sorted(data["choices"], key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0)
         out = []
         for c in choices[: len(jobs)]:

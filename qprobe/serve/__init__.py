@@ -24,26 +24,33 @@ def _need_stack() -> None:
 def build(probe_dir, model: str | None = None, api_base: str | None = None, api_model: str | None = None,
           api_key: str | None = None, served_model_name: str | None = None, k: int = 4, beta: float | None = None,
           batch_size: int = 32, device: str | None = None, dtype: str | None = None, request_timeout: float = 60.0,
-          max_retries: int = 2, server_api_key: str | None = None, **limits):
+          max_retries: int = 2, server_api_key: str | None = None, extractor_key: str | None = None,
+          max_upstream_bytes: int = 32 << 20, **limits):
     """The app serving the probe in `probe_dir` over a local `model` or an upstream `api_base`/`api_model`.
 
-    `limits` are further `ServeConfig` fields (max_k, max_tokens, temperature, top_p, max_queue,
-    max_request_bytes, max_prompt_chars).
+    `api_key` goes to the upstream (and to the probe's ``api`` extractor only when that is the
+    same host); `extractor_key` goes to the probe's ``api`` extractor on any other host. A host
+    read from the probe file never gets ``$OPENAI_API_KEY``. `limits` are further `ServeConfig`
+    fields (max_k, max_tokens, temperature, top_p, max_queue, max_request_bytes, max_prompt_chars,
+    deadline, bind_host, allowed_hosts, ...). The app's backend is `app.state.backend`; its
+    `extractor_host` says where an api extractor sends the candidates.
     """
     _need_stack()
     from qprobe.probe import QProbe
     from qprobe.serve.app import ServeConfig, create_app
-    from qprobe.serve.backends import LocalBackend, UpstreamBackend
+    from qprobe.serve.backends import LocalBackend, UpstreamBackend, key_for_extractor
 
     probe = QProbe.load(probe_dir)
+    max_queue = int(limits.get("max_queue", ServeConfig.max_queue))
     if api_base:
         backend = UpstreamBackend(api_base, api_model, probe.embedder_, api_key=api_key, timeout=request_timeout,
-                                  max_retries=max_retries)
+                                  max_retries=max_retries, workers=max_queue, extractor_key=extractor_key,
+                                  max_bytes=max_upstream_bytes)
         name = served_model_name or api_model
     else:
         model = model or "smollm2-135m"
         backend = LocalBackend(model, probe.embedder_, batch_size=batch_size, device=device, dtype=dtype,
-                               api_key=api_key)
+                               api_key=key_for_extractor(probe.embedder_, extractor_key, None, None))
         if backend.capture:
             h = backend.hidden_size()
             if h != probe.n_features_in_:

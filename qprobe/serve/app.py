@@ -1,15 +1,18 @@
-"""The ASGI app of `qprobe serve`: OpenAI-compatible routes that answer with the probe's choice among k samples.
+"""The ASGI app of `qprobe serve`: OpenAI-compatible routes and error handlers around a `Service`.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``.
-Each completion request is read (at most `max_request_bytes`), checked, admitted
-if fewer than `max_queue` requests are in flight (else 503), handed to the
-backend for k candidates with features, scored by the probe, and answered with
-the n choices drawn by softmax(Q / beta) (see `rerank.py`), whole or as a
-server-sent-event stream. A client that disconnects while its candidates are
-drawn has its request cancelled, which frees its place.
+Each completion request passes the browser checks of `guard.HostGuard`, is
+authorized, its body read (at most `max_request_bytes`, within `body_timeout`)
+and decoded (`protocol.decode`), planned and completed by the `Service`
+(see `service.py`), and answered whole or as a server-sent-event stream. A
+client that disconnects while its request is being completed has it cancelled,
+which frees its place and its backend work.
 
-Not here: where candidates come from (`backends.py`), the wire format
-(`protocol.py`), the command line (`qprobe/cli.py`).
+Every error is an OpenAI-style JSON body. An unexpected exception is a 500
+that says only its type; the details go to the server's log.
+
+Not here: the request logic (`service.py`), where candidates come from
+(`backends.py`), the wire format (`protocol.py`), the command line (`qprobe/cli.py`).
 """
 # no `from __future__ import annotations`: FastAPI reads the route signatures (Request) at run time
 
@@ -17,36 +20,18 @@ import asyncio
 import contextlib
 import hmac
 import json
-import secrets
+import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
 
 from qprobe.errors import QProbeError
-from qprobe.samplers.base import row_seed
 from qprobe.serve import protocol as P
-from qprobe.serve.backends import Backend, Draw
-from qprobe.serve.rerank import choose
+from qprobe.serve.backends import Backend
+from qprobe.serve.guard import HostGuard, HostRule, uvicorn_config
+from qprobe.serve.service import Answer, ServeConfig, Service
 
-
-@dataclass
-class ServeConfig:
-    """Server-wide defaults and limits; a request may override k, beta and the sampling settings within them."""
-
-    model_id: str  # the name clients send as `model` (any other is a 404)
-    k: int = 4
-    beta: float = 0.1
-    max_k: int = 32
-    max_tokens: int = 256  # the default and the largest a request may ask for
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_queue: int = 64  # requests in flight (waiting or sampling) before 503
-    max_request_bytes: int = 1 << 20
-    max_prompt_chars: int = 100_000
-    api_key: str | None = None  # bearer token clients must send; None: no auth
+__all__ = ["create_app", "ServeConfig", "BackgroundServer"]
+log = logging.getLogger("qprobe.serve")
 
 
 def create_app(backend: Backend, probe, config: ServeConfig):
@@ -58,8 +43,7 @@ def create_app(backend: Backend, probe, config: ServeConfig):
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    state = {"inflight": 0}
-    lock = threading.Lock()
+    service = Service(backend, probe, config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -70,7 +54,8 @@ def create_app(backend: Backend, probe, config: ServeConfig):
             await asyncio.to_thread(backend.close)
 
     app = FastAPI(title="qprobe serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.backend, app.state.probe, app.state.config = backend, probe, config
+    app.state.backend, app.state.probe, app.state.config, app.state.service = backend, probe, config, service
+    app.add_middleware(HostGuard, rule=HostRule(config.bind_host, config.allowed_hosts))
 
     @app.exception_handler(P.ServeError)
     async def _serve_error(request, e: P.ServeError):
@@ -84,7 +69,9 @@ def create_app(backend: Backend, probe, config: ServeConfig):
 
     @app.exception_handler(Exception)
     async def _crash(request, e):
-        return JSONResponse(P.ServeError(500, f"internal error: {type(e).__name__}: {e}").body(), status_code=500)
+        log.exception("internal error answering %s %s", request.method, request.url.path)
+        return JSONResponse(P.ServeError(500, f"internal error ({type(e).__name__}); see the server's log").body(),
+                            status_code=500)
 
     def authorize(request: Request) -> None:
         if config.api_key is None:
@@ -111,108 +98,49 @@ def create_app(backend: Backend, probe, config: ServeConfig):
 
     async def _complete(request: Request, kind: str):
         authorize(request)
-        req = P.parse(P.ChatRequest if kind == "chat" else P.CompletionRequest, await _read_json(request))
-        if req.model != config.model_id:
-            raise P.ServeError(404, f"model {req.model!r} not found; this server serves {config.model_id!r}",
-                               code="model_not_found", param="model")
-        draw, k, beta = _plan(req, kind)
-        prompt_tokens = await asyncio.to_thread(backend.check_prompt, draw.prompt, draw.max_tokens)
-        with lock:
-            if state["inflight"] >= config.max_queue:
-                raise P.ServeError(503, f"server busy: {config.max_queue} requests in flight; retry later",
-                                   code="queue_full", headers={"Retry-After": "1"})
-            state["inflight"] += 1
-        try:
-            cands = await _draw_unless_gone(request, backend.draw(draw))
-        finally:
-            with lock:
-                state["inflight"] -= 1
-        if cands is None:  # the client went away: nobody to answer
+        plan = service.plan(kind, P.decode(await _read_body(request)))
+        answer = await _unless_gone(request, service.complete(plan))
+        if answer is None:  # the client went away: nobody to answer
             return Response(status_code=499)
-        X = np.stack([c.features for c in cands]).astype(np.float32)
-        try:
-            probe.check_features(X.shape[1])
-            q = probe.predict(X)
-        except QProbeError as e:
-            raise P.ServeError(500, f"probe cannot score these features: {e}") from None
-        rng = np.random.default_rng(None if req.seed is None else row_seed(req.seed, "choose", 0))
-        pick = choose(q, req.n, beta, rng)
-        info = {"k": k, "beta": beta, "chosen": pick.indices.tolist(), "kl": pick.kl,
-                "features": backend.features,
-                "candidates": [{"index": i, "q": float(q[i]), "weight": float(pick.weights[i]),
-                                "finish_reason": c.finish_reason, **({"text": c.text} if req.candidates else {})}
-                               for i, c in enumerate(cands)]}
-        ignored = backend.ignored(req.extra())
-        if ignored:
-            info["ignored_params"] = ignored
-        texts = [cands[i].text for i in pick.indices]
-        reasons = [cands[i].finish_reason for i in pick.indices]
-        usage = None
-        if prompt_tokens is not None and all(c.n_tokens is not None for c in cands):
-            n_gen = sum(c.n_tokens for c in cands)  # every candidate was generated, not only the chosen
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_gen, "total_tokens": prompt_tokens + n_gen}
-        rid = P.new_id(kind)
-        if not req.stream:
-            return P.response(kind, rid, config.model_id, texts, reasons, info, usage)
+        if not plan.stream:
+            return JSONResponse(_response(kind, answer))
         from sse_starlette import EventSourceResponse
 
-        with_usage = bool((req.stream_options or {}).get("include_usage"))
-        events = P.chunks(kind, rid, config.model_id, texts, reasons, info, usage if with_usage else None)
+        events = P.chunks(kind, answer.id, config.model_id, answer.texts, answer.reasons, answer.info,
+                          answer.usage if plan.with_usage else None)
 
         async def stream():
             for ev in events:
-                yield {"data": json.dumps(ev)}
+                yield {"data": json.dumps(ev, allow_nan=False)}
             yield {"data": "[DONE]"}
 
         return EventSourceResponse(stream(), sep="\n")
 
-    def _plan(req, kind) -> tuple[Draw, int, float]:
-        k = config.k if req.k is None else req.k
-        if k > config.max_k:
-            raise P.ServeError(400, f"k {k} exceeds this server's limit of {config.max_k}", param="k")
-        if req.n > k:
-            raise P.ServeError(400, f"n {req.n} exceeds k {k}: n returns the n best of k candidates", param="n")
-        beta = config.beta if req.beta is None else float(req.beta)
-        max_tokens = req.max_tokens
-        if kind == "chat" and req.max_completion_tokens is not None:
-            max_tokens = req.max_completion_tokens
-        max_tokens = config.max_tokens if max_tokens is None else max_tokens
-        if max_tokens > config.max_tokens:
-            raise P.ServeError(400, f"max_tokens {max_tokens} exceeds this server's limit of {config.max_tokens}",
-                               param="max_tokens")
-        prompt = req.prompt() if kind == "chat" else req.text()
-        size = sum(len(m["content"]) for m in prompt) if kind == "chat" else len(prompt)
-        if size > config.max_prompt_chars:
-            raise P.ServeError(413, f"the prompt has {size} characters; this server takes at most "
-                                    f"{config.max_prompt_chars}", code="prompt_too_large")
-        # one seed per candidate: a request's seed makes its candidates (and its choice) repeatable
-        seeds = ([row_seed(req.seed, "serve", i) for i in range(k)] if req.seed is not None
-                 else [secrets.randbits(32) for _ in range(k)])
-        temperature = config.temperature if req.temperature is None else req.temperature
-        top_p = config.top_p if req.top_p is None else req.top_p
-        extra = {key: v for key, v in req.extra().items() if key not in P.CONSUMED}
-        return Draw(prompt, seeds, temperature, top_p, max_tokens, req.stops(), extra), k, beta
+    def _response(kind: str, answer: Answer) -> dict:
+        return P.response(kind, answer.id, config.model_id, answer.texts, answer.reasons, answer.info, answer.usage)
 
-    async def _read_json(request: Request) -> Any:
+    async def _read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > config.max_request_bytes:
             raise P.ServeError(413, f"request body of {declared} bytes exceeds {config.max_request_bytes}",
                                code="request_too_large")
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > config.max_request_bytes:
-                raise P.ServeError(413, f"request body exceeds {config.max_request_bytes} bytes",
-                                   code="request_too_large")
         try:
-            return json.loads(body)
-        except ValueError as e:
-            raise P.ServeError(400, f"the request body is not JSON ({e})") from None
+            async with asyncio.timeout(config.body_timeout):
+                async for part in request.stream():
+                    body += part
+                    if len(body) > config.max_request_bytes:
+                        raise P.ServeError(413, f"request body exceeds {config.max_request_bytes} bytes",
+                                           code="request_too_large")
+        except TimeoutError:
+            raise P.ServeError(408, f"the request body did not arrive within {config.body_timeout:g} s",
+                               code="request_timeout", headers={"Connection": "close"}) from None
+        return bytes(body)
 
     return app
 
 
-async def _draw_unless_gone(request, coro):
+async def _unless_gone(request, coro):
     """Await `coro`, or cancel it and return None when the client disconnects first."""
     task = asyncio.ensure_future(coro)
 
@@ -240,13 +168,14 @@ async def _draw_unless_gone(request, coro):
 class BackgroundServer:
     """Run an app with uvicorn on a thread (tests, benchmarks, notebooks); `url` is the base with /v1.
 
-    Use as a context manager; the server stops when the block exits.
+    Use as a context manager; the server stops when the block exits. `limits` go to
+    `guard.uvicorn_config` (header_timeout, keep_alive, max_connections).
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, timeout: float = 120.0):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, timeout: float = 120.0, **limits):
         import uvicorn
 
-        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+        self._server = uvicorn.Server(uvicorn_config(app, host, port, log_level="warning", **limits))
         self._thread = threading.Thread(target=self._server.run, name="qprobe-serve", daemon=True)
         self.timeout = timeout
         self.url = ""

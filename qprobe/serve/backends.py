@@ -15,21 +15,32 @@
 A request cancelled while waiting leaves the queue; one cancelled while its
 batch decodes stops that batch once every request in it is gone (the local
 sampler cannot drop single rows from a running batch), and an upstream request
-stops asking for top-ups. Not here: HTTP, auth, the choice (see `app.py`).
+stops asking for top-ups and stops reading the answer in flight. Upstream calls
+run on the backend's own thread pool, one thread per request it may hold
+(`workers`, the server's queue bound), never on asyncio's small default pool.
+
+Keys: the key given for the upstream goes to the upstream only. A probe's
+recorded ``api`` extractor names a host read from a file; it gets a key only
+when the user gave one for that host (`extractor_key`, or the upstream's key
+when the host is the upstream itself), never ``$OPENAI_API_KEY`` by default.
+Not here: HTTP, auth, the choice (see `app.py`, `service.py`).
 """
 from __future__ import annotations
 
 import asyncio
 import copy
 import queue
-import re
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from qprobe.apiclient import redact_url
 from qprobe.errors import QProbeError
+from qprobe.pool import Stopped
 from qprobe.samplers.base import SampleJob
 
 from qprobe.serve.protocol import ServeError
@@ -56,28 +67,54 @@ class Draw:
     max_tokens: int
     stop: list[str]
     extra: dict = field(default_factory=dict)  # parameters the server does not read (upstream only)
+    deadline: float | None = None  # time.monotonic() by which the backend must give up (set on admission)
 
     def settings(self) -> tuple:
         return self.temperature, self.top_p, self.max_tokens, tuple(self.stop)
 
 
 def extractor_spec(identity: dict, api_key: str | None = None) -> dict:
-    """`get_embedder` spec that rebuilds the extractor a probe records (its `embedder_`)."""
+    """`get_embedder` spec that rebuilds the extractor a probe records (its `embedder_`).
+
+    An ``api`` extractor's host was read from the probe file: it gets `api_key` and
+    nothing else (no ``$OPENAI_API_KEY``).
+    """
     kind = identity.get("kind")
     if kind == "hf":
         return dict(kind="hf", model=identity["model"], layer=identity["layer"], pooling=identity["pooling"])
     if kind == "api":
         return dict(kind="api", api_base=identity["api_base"], model=identity["model"],
-                    pooling=identity.get("pooling", "mean"), api_key=api_key, max_retries=2)
+                    pooling=identity.get("pooling", "mean"), api_key=api_key, max_retries=2, env_key=False)
     if kind == "sentence":
         return dict(kind="sentence", model=identity["model"], max_length=identity.get("max_length", 256))
     raise QProbeError(f"the probe's feature extractor {identity!r} cannot be rebuilt here (kind {kind!r})")
+
+
+def extractor_host(identity: dict | None) -> str | None:
+    """The host a probe's recorded ``api`` extractor sends every prompt and completion to (credentials cut)."""
+    if identity and identity.get("kind") == "api":
+        return redact_url(str(identity.get("api_base", "")))
+    return None
+
+
+def key_for_extractor(identity: dict | None, extractor_key: str | None, upstream_base: str | None,
+                      upstream_key: str | None) -> str | None:
+    """The key an ``api`` extractor may get: the one the user gave for it, else the upstream's when
+    it is the same host; else None (no key: the host came from a file)."""
+    if not identity or identity.get("kind") != "api":
+        return None
+    if extractor_key is not None:
+        return extractor_key
+    same = upstream_base is not None and str(identity.get("api_base", "")).rstrip("/") == upstream_base.rstrip("/")
+    return upstream_key if same else None
 
 
 class Backend:
     """A source of candidates. Subclasses set `features` and implement `draw`."""
 
     features = "extractor"  # where the probe's features come from: "sampling pass" or "extractor"
+    extractor_host: str | None = None  # where an api extractor sends the candidates (said at start-up)
+    extractor_key_sent = False  # whether that host gets a key
 
     def start(self) -> None:
         """Load what the backend needs (called once, before the first request)."""
@@ -108,6 +145,8 @@ class _Embedding:
         from qprobe.embedders import get_embedder
 
         self.embedder = get_embedder(extractor_spec(identity, api_key))
+        self.host = extractor_host(identity)
+        self.key_sent = self.host is not None and api_key is not None
         self._lock = threading.Lock()
 
     def fill(self, prompt, cands: list[Candidate]) -> list[Candidate]:
@@ -151,6 +190,8 @@ class LocalBackend(Backend):
         Rows decoded together by the sampler.
     max_batch_requests : int
         Requests drained from the queue into one batch.
+    api_key : str, optional
+        Key for an ``api`` extractor's host (the user gave it for that host).
     """
 
     def __init__(self, model: str = "smollm2-135m", extractor: dict | None = None, batch_size: int = 32,
@@ -165,6 +206,7 @@ class LocalBackend(Backend):
         else:
             self.capture, self.features = None, "extractor"
             self._embedding = _Embedding(extractor, api_key)
+            self.extractor_host, self.extractor_key_sent = self._embedding.host, self._embedding.key_sent
         self._q: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._tok_lock = threading.Lock()
@@ -285,18 +327,29 @@ class LocalBackend(Backend):
 
 
 # ------------------------------------------------------------------------------ upstream server
-_STATUS = re.compile(r"answered HTTP (\d{3})")
-
-
 def upstream_error(e: QProbeError) -> ServeError:
-    """Map an `ApiClient` failure to the status a client should see."""
-    msg = str(e)
-    m = _STATUS.search(msg)
-    if m and m.group(1) in ("400", "422"):  # the upstream refused the request itself (a passed-through parameter)
-        return ServeError(400, f"upstream rejected the request: {msg}", code="upstream_bad_request")
-    if "did not answer within" in msg:
-        return ServeError(504, f"upstream timed out: {msg}", code="upstream_timeout")
-    return ServeError(502, f"upstream failed: {msg}", code="upstream_unavailable")
+    """Map an `ApiClient` failure to the status a client should see, from its data, not its text.
+
+    The client's message names the status and the upstream without its credentials;
+    the upstream's own error body is never echoed (it may repeat the request or
+    say more about the upstream than a client should learn).
+    """
+    from qprobe.apiclient import ApiError
+
+    if not isinstance(e, ApiError):
+        return ServeError(502, "upstream failed", code="upstream_unavailable")
+    if e.status in (400, 422):  # the upstream refused the request itself (a passed-through parameter)
+        return ServeError(400, f"the upstream refused the request (HTTP {e.status})", code="upstream_bad_request")
+    if e.timed_out:
+        return ServeError(504, "the upstream did not answer in time", code="upstream_timeout")
+    if e.status is not None:
+        return ServeError(502, f"the upstream answered HTTP {e.status}", code="upstream_unavailable")
+    return ServeError(502, f"the upstream failed: {_SAY.get(e.reason, 'no usable answer')}",
+                      code="upstream_unavailable")
+
+
+_SAY = {"unreachable": "cannot reach it", "too_large": "its answer is too large",
+        "unusable": "its answer was unusable"}
 
 
 class UpstreamBackend(Backend):
@@ -310,16 +363,25 @@ class UpstreamBackend(Backend):
         The probe's recorded extractor, rebuilt to embed the candidates.
     api_key : str, optional
         Key for the upstream server (and for an ``api`` extractor on the same base).
+        None: ``$OPENAI_API_KEY`` (the user named this host).
+    extractor_key : str, optional
+        Key for an ``api`` extractor on another host (the user gave it for that host).
     timeout, max_retries : float, int
-        Per HTTP attempt, and retries per upstream request.
+        Per HTTP attempt (the whole answer), and retries per upstream request.
     concurrency : int
         Upstream requests in flight per client request (top-ups).
+    workers : int
+        Client requests served at once (the server's queue bound): the size of the
+        thread pool upstream calls run on.
+    max_bytes : int
+        Largest upstream answer read.
     """
 
     features = "extractor"
 
     def __init__(self, api_base: str, api_model: str, extractor: dict | None, api_key: str | None = None,
-                 timeout: float = 60.0, max_retries: int = 2, concurrency: int = 4):
+                 timeout: float = 60.0, max_retries: int = 2, concurrency: int = 4, workers: int = 64,
+                 extractor_key: str | None = None, max_bytes: int = 32 << 20):
         from qprobe.samplers.openai_api import OpenAISampler
 
         class _Passthrough(OpenAISampler):
@@ -331,30 +393,43 @@ class UpstreamBackend(Backend):
 
         self.api_base = api_base.rstrip("/")
         self._base = _Passthrough(self.api_base, api_model, api_key=api_key, timeout=timeout,
-                                  max_retries=max_retries, concurrency=concurrency, backoff=0.25)
-        same = (extractor and extractor.get("kind") == "api"
-                and extractor.get("api_base", "").rstrip("/") == self.api_base)  # then the upstream key applies
-        self._embedding = _Embedding(extractor, api_key if same else None)
+                                  max_retries=max_retries, concurrency=concurrency, backoff=0.25,
+                                  max_bytes=max_bytes)
+        self._embedding = _Embedding(extractor, key_for_extractor(extractor, extractor_key, self.api_base, api_key))
+        self.extractor_host, self.extractor_key_sent = self._embedding.host, self._embedding.key_sent
+        self.workers = int(workers)
+        self._pool: ThreadPoolExecutor | None = None
 
     def ignored(self, extra: dict) -> list[str]:
         return []
 
+    def start(self) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="qprobe-upstream")
+
     def close(self) -> None:
-        self._base.api.client.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        self._base.api.close()
 
     async def draw(self, d: Draw) -> list[Candidate]:
+        if self._pool is None:
+            self.start()
         gone = threading.Event()
         try:
-            return await asyncio.to_thread(self._draw, d, gone)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._draw, d, gone)
         except asyncio.CancelledError:
-            gone.set()  # no further top-ups; the thread ends with the request in flight
+            gone.set()  # no further top-ups, and the answer in flight is dropped at its next piece
             raise
 
     def _draw(self, d: Draw, gone: threading.Event) -> list[Candidate]:
+        if gone.is_set() or (d.deadline is not None and time.monotonic() >= d.deadline):
+            raise ServeError(499, "request cancelled")  # it waited in the pool past its caller
         s = copy.copy(self._base)  # shares the HTTP client; settings are per request
         s.temperature, s.top_p, s.max_new_tokens, s.stop = d.temperature, d.top_p, d.max_tokens, d.stop or None
         s.mode = "chat" if isinstance(d.prompt, list) else "completions"
-        s.extra = d.extra
+        s.extra, s.deadline, s.cancel = d.extra, d.deadline, gone
         out: list[Candidate | None] = [None] * len(d.seeds)
         jobs = [SampleJob(d.prompt, i, seed) for i, seed in enumerate(d.seeds)]
         try:
@@ -365,7 +440,10 @@ class UpstreamBackend(Backend):
                     raise ServeError(499, "request cancelled")
         except QProbeError as e:
             raise upstream_error(e) from None
+        except Stopped:
+            raise ServeError(499, "request cancelled") from None
         try:
             return self._embedding.fill(d.prompt, out)
-        except QProbeError as e:
-            raise ServeError(502, f"embedding the candidates failed: {e}", code="extractor_failed") from None
+        except QProbeError:
+            raise ServeError(502, "embedding the candidates with the probe's extractor failed",
+                             code="extractor_failed") from None

@@ -10,6 +10,7 @@ Not here: routing, auth, the backends, the choice itself (see `app.py`,
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -19,15 +20,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # fields this server reads; everything else a client sends is "extra" (passed to an upstream server)
 CONSUMED = {"model", "messages", "prompt", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-            "stop", "stream", "stream_options", "seed", "k", "beta", "candidates"}
+            "stop", "stream", "stream_options", "seed", "k", "beta", "candidates", "tests"}
+# fields refused outright: passed to an upstream they would get around --max-k and --max-tokens
+# (more samples per request, or tokens past max_tokens / the model's end of text)
+REFUSED = {"best_of", "min_tokens", "ignore_eos", "use_beam_search", "n_predict", "max_new_tokens", "min_p_tokens"}
 
 
 class ServeError(Exception):
     """An error answered as an OpenAI-style JSON body with an HTTP status."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             413: "invalid_request_error", 500: "server_error", 502: "upstream_error", 503: "server_error",
-             504: "upstream_error"}
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+             404: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+             415: "invalid_request_error", 500: "server_error", 502: "upstream_error", 503: "server_error",
+             504: "timeout_error"}
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
                  headers: dict | None = None):
@@ -44,18 +49,19 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str
-    n: int = Field(1, ge=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1 << 20)
+    max_tokens: Optional[int] = Field(None, ge=1, le=1 << 30)
+    temperature: Optional[float] = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[dict] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(1 << 63), lt=1 << 64)
     # qprobe's own knobs (the openai client sends them with extra_body=...)
-    k: Optional[int] = Field(None, ge=1)
-    beta: Optional[float] = Field(None, ge=0)
+    k: Optional[int] = Field(None, ge=1, le=1 << 20)
+    beta: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
     candidates: bool = False  # also return the text of every candidate in `qprobe`
+    tests: Union[list, str, None] = None  # run against each candidate (see `qprobe.serve.tests`)
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -74,7 +80,7 @@ class Message(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=1 << 30)
 
     def prompt(self) -> list[dict]:
         """The messages as {"role", "content"} with text content (content parts joined)."""
@@ -103,6 +109,38 @@ class CompletionRequest(_Request):
                                  param="prompt")
             return self.prompt[0]
         return self.prompt
+
+
+MAX_DEPTH = 32  # nesting of a request body: OpenAI's bodies need 5 (messages -> content parts -> part)
+
+
+def decode(raw: bytes) -> Any:
+    """The JSON of a request body, or a 400: not JSON, nested past `MAX_DEPTH`, or a string that is
+    not Unicode text (a lone surrogate escape such as ``"\\ud800"`` cannot be encoded again)."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise ServeError(400, f"the request body is nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as e:
+        raise ServeError(400, f"the request body is not JSON ({str(e)[:80]})") from None
+    todo = [(data, 1)]  # (value, depth): iterative, so no depth can overflow the stack here
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise ServeError(400, f"the request body is nested deeper than {MAX_DEPTH} levels")
+            items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+            for key, v in items:
+                if key is not None:
+                    todo.append((key, depth))
+                todo.append((v, depth + 1))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ServeError(400, "the request body has a string that is not valid Unicode (a lone surrogate)"
+                                 ) from None
+    return data
 
 
 def parse(model: type[_Request], data: Any) -> _Request:

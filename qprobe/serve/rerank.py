@@ -1,10 +1,15 @@
 """Choose `n` of a request's k candidates by softmax(Q / beta), and say how far that is from the base sampler.
 
-Pure numpy: the weights and the KL come from `qprobe.select`; the draw of n
-distinct candidates uses the Gumbel-top-n trick, which is sequential sampling
-without replacement from softmax(Q / beta) (so the first choice is distributed
-exactly as `select_indices` draws it). At beta 0 the choices are the n highest
-Q, ties to the lowest index. No HTTP, no model here.
+Pure numpy: the weights, the KL and the draw of n distinct candidates come from
+`qprobe.select` (`top_n_draw`: Gumbel-top-n on the log-weights, so the first
+choice is distributed exactly as `select_indices` draws it, and small betas
+keep the order of Q). At beta 0 the choices are the n highest Q, ties to the
+lowest index.
+
+`choose_preferring` adds the one rule `serve` applies when a request carries
+tests: candidates that pass them are preferred, and the probe chooses among
+those; where none passes, all stay candidates (a cascade on one signal). No
+HTTP, no model here.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from qprobe.select import kl_to_base, softmax_weights
+from qprobe.select import kl_to_base, softmax_weights, top_n_draw
 
 
 class Choice(NamedTuple):
@@ -21,7 +26,8 @@ class Choice(NamedTuple):
     indices : ndarray of int64, shape (n,)
         Candidate index (0..k-1) of each returned choice, in choice order.
     weights : ndarray of shape (k,)
-        Selection weight softmax(Q / beta) of every candidate.
+        Selection weight of every candidate: softmax(Q / beta) over the
+        candidates the choice was made among, 0 outside them.
     kl : float
         KL of the selection policy to a uniform pick among the k (the base
         sampler): sum_i w_i log(k w_i); log k at beta 0, 0 at beta = inf.
@@ -46,18 +52,33 @@ def choose(q, n: int, beta: float, rng: np.random.Generator) -> Choice:
     rng : numpy.random.Generator
         Source of the draw when beta > 0.
     """
+    return choose_preferring(q, n, beta, rng, None)
+
+
+def choose_preferring(q, n: int, beta: float, rng: np.random.Generator, prefer=None) -> Choice:
+    """`choose` among the preferred candidates first; the rest only fill what they cannot.
+
+    Parameters
+    ----------
+    q, n, beta, rng
+        As for `choose`.
+    prefer : array-like of bool, shape (k,), optional
+        Candidates to choose among (those that passed the request's tests). None,
+        or none preferred: all candidates. Fewer preferred than n: all of them, in
+        probe order, then the rest by the probe.
+    """
     q = np.asarray(q, dtype=np.float64)
     k = q.shape[0]
     if not 1 <= n <= k:
         raise ValueError(f"n must be in 1..{k}, got {n}")
-    groups = np.zeros(k, dtype=np.int64)
-    w = softmax_weights(q, groups, beta)
-    kl = float(kl_to_base(w, groups)[0])
-    if beta == 0:
-        order = np.lexsort((np.arange(k), -q))  # Q descending, ties to the lowest index
-    else:
-        # argsort of log w + Gumbel noise = sampling without replacement in proportion to w
-        with np.errstate(divide="ignore"):
-            keys = np.log(w) + rng.gumbel(size=k)
-        order = np.argsort(-keys, kind="stable")
-    return Choice(order[:n].astype(np.int64), w, kl)
+    mask = np.ones(k, dtype=bool) if prefer is None else np.asarray(prefer, dtype=bool)
+    if not mask.any():
+        mask = np.ones(k, dtype=bool)
+    first, rest = np.flatnonzero(mask), np.flatnonzero(~mask)
+    w = np.zeros(k)
+    w[first] = softmax_weights(q[first], np.zeros(first.size, dtype=np.int64), beta)
+    kl = float(kl_to_base(w, np.zeros(k, dtype=np.int64))[0])
+    picked = first[top_n_draw(q[first], min(n, first.size), beta, rng)]
+    if picked.size < n:
+        picked = np.concatenate([picked, rest[top_n_draw(q[rest], n - picked.size, beta, rng)]])
+    return Choice(picked.astype(np.int64), w, kl)

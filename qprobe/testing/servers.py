@@ -36,6 +36,9 @@ from typing import Iterator
 import numpy as np
 
 FAULTS = ("429", "500", "503", "drop", "stall", "malformed", "fewer_embeddings", "fewer_choices")
+# hostile answers (never drawn by default): headers then one byte per `drip_s`; an answer of `huge_bytes`;
+# a chat choice whose content is a number
+HOSTILE = ("drip", "huge", "number_content")
 TRANSIENT = ("429", "500", "503", "drop", "stall", "malformed")  # the output cannot depend on these
 
 
@@ -100,12 +103,17 @@ class StubServer:
         Answer a request that asks for ``logprobs`` with HTTP 400, like a llama.cpp model built without logits_all.
     die_after : int, optional
         After this many successful answers, stop listening for good (connections refused).
+    drip_s, huge_bytes : float, int
+        For the `HOSTILE` faults "drip" and "huge".
+
+    `auth` records the Authorization header of every POST (None when absent), in arrival order.
     """
 
     def __init__(self, fault_rate: float = 0.0, faults=FAULTS, retry_after: str = "0", stall_s: float = 2.5,
                  token_level: bool = False, dim: int = 8, ignore_n: bool = False, die_after: int | None = None,
                  reject_logprobs: bool = False,
-                 max_consecutive_faults: int = 3, seed: int = 0, models=("stub-model",)):
+                 max_consecutive_faults: int = 3, seed: int = 0, models=("stub-model",), drip_s: float = 1.0,
+                 huge_bytes: int = 64 << 20):
         self.fault_rate, self.faults, self.retry_after = fault_rate, tuple(faults), retry_after
         self.stall_s, self.token_level, self.dim, self.ignore_n = stall_s, token_level, dim, ignore_n
         self.reject_logprobs = reject_logprobs
@@ -117,6 +125,8 @@ class StubServer:
         self._served = 0
         self.inflight = self.max_inflight = 0  # POSTs being handled now / at most at once
         self.bodies: list[dict] = []  # decoded JSON of every completion/embedding request, in arrival order
+        self.auth: list[str | None] = []  # Authorization header of every POST
+        self.drip_s, self.huge_bytes = drip_s, huge_bytes
         self.dead = False
         self._closing = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
@@ -153,7 +163,8 @@ class StubServer:
     def draw_fault(self, endpoint: str, body: dict) -> str | None:
         fit = [f for f in self.faults
                if not (f == "fewer_embeddings" and endpoint != "embeddings")
-               and not (f == "fewer_choices" and endpoint == "embeddings")]
+               and not (f == "fewer_choices" and endpoint == "embeddings")
+               and not (f in HOSTILE and endpoint == "embeddings")]
         key = _digest(body)
         with self._lock:
             self.counts[endpoint] += 1
@@ -250,6 +261,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _post(self) -> None:
         stub = self.server_stub
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with stub._lock:
+            stub.auth.append(self.headers.get("Authorization"))
         if stub.dead:
             return self._drop()
         endpoint = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
@@ -282,10 +295,45 @@ class _Handler(BaseHTTPRequestHandler):
             return self._drop()
         if fault == "malformed":
             return self._send(200, b'{"choices": [{"text": "trunc')
+        if fault in HOSTILE:
+            return self._hostile(fault, endpoint, body)
         payload = stub.answer(endpoint, body, fault)
         if not stub.count_success():
             return self._drop()
         self._send(200, payload)
+
+
+    def _hostile(self, fault: str, endpoint: str, body: dict) -> None:
+        stub = self.server_stub
+        payload = stub.answer(endpoint, body, None)
+        if fault == "number_content" and endpoint == "chat":
+            for c in payload["choices"]:
+                c["message"]["content"] = 12345
+        if fault == "huge":
+            pad = "x" * stub.huge_bytes
+            key = "message" if endpoint == "chat" else "text"
+            c = payload["choices"][0]
+            if key == "message":
+                c["message"]["content"] += pad
+            else:
+                c["text"] += pad
+        if fault != "drip":
+            return self._send(200, payload)
+        raw = json.dumps(payload).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.flush()
+            for i in range(len(raw)):
+                if stub._closing.wait(stub.drip_s):
+                    break
+                self.wfile.write(raw[i:i + 1])
+                self.wfile.flush()
+        except OSError:  # the client gave up
+            pass
+        self.close_connection = True
 
 
 # ------------------------------------------------------------------ the real llama.cpp server
