@@ -58,6 +58,18 @@ def available(group: str) -> dict[str, str]:
     return found
 
 
+def distribution(group: str, name: str) -> str | None:
+    """``"dist-name==version"`` of the installed package that registers ``name`` in ``group``;
+    None for qprobe's own backends (their changes are versioned by qprobe, e.g. ``REWARDS_VERSION``)."""
+    for ep in entry_points(group=group):
+        if ep.name == name:
+            dist = getattr(ep, "dist", None)
+            if dist is None or dist.metadata["Name"].lower().replace("_", "-") == "qprobe":
+                return None
+            return f"{dist.metadata['Name']}=={dist.version}"
+    return None
+
+
 def load(group: str, name: str):
     """The object registered as ``name`` in ``group`` (a class or a factory), imported now.
 

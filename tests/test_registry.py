@@ -143,3 +143,6 @@ def test_plugin_is_listed(plugin_env):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=plugin_env, check=True)
     assert "'toy'" in out.stdout
     assert "toy" not in available(REWARDS)  # this process never saw the plugin
+    code = "from qprobe.rewards import reward_identity; print(reward_identity('toy:5')['plugin'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=plugin_env, check=True)
+    assert out.stdout.strip() == "qprobe-toy==0.1.0"  # an upgraded plugin: its cached scores are not reused
