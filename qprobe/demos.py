@@ -66,22 +66,12 @@ def demo_items(rows: list[dict], source: str, template: str = "{demo}", path="ro
 
 
 def embedder_from_identity(identity: dict | None):
-    """The embedder that made features with this recorded identity (hf, sentence or api)."""
-    from qprobe.embedders import get_embedder
+    """The embedder that made features with this recorded identity (any registered kind)."""
+    from qprobe.registry import EMBEDDERS, rebuild
 
     if not identity or "kind" not in identity:
         raise QProbeError("--demos needs features that record their extractor (made by `qprobe embed` or `sample --capture`)")
-    kind = identity["kind"]
-    keep = {"hf": ("model", "layer", "pooling"), "sentence": ("model", "max_length"),
-            "api": ("api_base", "model", "pooling")}.get(kind)
-    if keep is None:
-        raise QProbeError(f"--demos: cannot rebuild an extractor of kind {kind!r}")
-    spec = {"kind": kind, **{k: identity[k] for k in keep if k in identity}}
-    if kind == "api":
-        import os
-
-        spec["api_key"] = os.environ.get("OPENAI_API_KEY")
-    emb = get_embedder(spec)
-    if emb.identity() != identity:
-        raise QProbeError(f"--demos: rebuilt extractor {emb.identity()} differs from the features' {identity}")
-    return emb
+    try:
+        return rebuild(EMBEDDERS, identity)
+    except QProbeError as e:
+        raise QProbeError(f"--demos: {e}") from None

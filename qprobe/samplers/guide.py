@@ -75,12 +75,20 @@ class Guide:
         if not getattr(self.probe, "prefix_", False):
             raise QProbeError(f"{where} is not a prefix probe: train it with `qprobe train --prefix` on prefix features")
         emb = self.probe.embedder_ or {}
-        if emb.get("kind") != "hf" or "layer" not in emb or "pooling" not in emb:
-            raise QProbeError(f"{where} was not trained on local-model hidden states (extractor {emb or 'unknown'})")
         if emb.get("model") != model:
             raise QProbeError(f"{where} was trained on features of {emb.get('model')!r}, but the sampler's model "
                               f"is {model!r}")
-        self.layer, self.pooling = int(emb["layer"]), emb["pooling"]
+        from qprobe.registry import EMBEDDERS, rebuild
+
+        try:
+            extractor = rebuild(EMBEDDERS, emb)
+        except QProbeError as e:
+            raise QProbeError(f"{where}: {e}") from None
+        # the sampling pass has the hidden states of every layer: an extractor that reads one of them
+        # (a layer and a pooling) is computed there; any other is not
+        if not hasattr(extractor, "layer") or not hasattr(extractor, "pooling"):
+            raise QProbeError(f"{where} was not trained on local-model hidden states (extractor {emb})")
+        self.layer, self.pooling = int(extractor.identity()["layer"]), extractor.pooling
         self.chunk = parse_every(chunk, "--chunk")
         self.branch = int(branch)
         self.beta = float(beta)

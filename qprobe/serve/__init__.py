@@ -41,7 +41,9 @@ def build(probe_dir, model: str | None = None, api_base: str | None = None, api_
                                   max_retries=max_retries)
         name = served_model_name or api_model
     else:
-        model = model or "smollm2-135m"
+        from qprobe.hfmodel import DEFAULT_MODEL
+
+        model = model or DEFAULT_MODEL
         backend = LocalBackend(model, probe.embedder_, batch_size=batch_size, device=device, dtype=dtype,
                                api_key=api_key)
         if backend.capture:

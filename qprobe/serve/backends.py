@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from qprobe.errors import QProbeError
+from qprobe.hfmodel import DEFAULT_MODEL
 from qprobe.samplers.base import SampleJob
 
 from qprobe.serve.protocol import ServeError
@@ -59,19 +60,6 @@ class Draw:
 
     def settings(self) -> tuple:
         return self.temperature, self.top_p, self.max_tokens, tuple(self.stop)
-
-
-def extractor_spec(identity: dict, api_key: str | None = None) -> dict:
-    """`get_embedder` spec that rebuilds the extractor a probe records (its `embedder_`)."""
-    kind = identity.get("kind")
-    if kind == "hf":
-        return dict(kind="hf", model=identity["model"], layer=identity["layer"], pooling=identity["pooling"])
-    if kind == "api":
-        return dict(kind="api", api_base=identity["api_base"], model=identity["model"],
-                    pooling=identity.get("pooling", "mean"), api_key=api_key, max_retries=2)
-    if kind == "sentence":
-        return dict(kind="sentence", model=identity["model"], max_length=identity.get("max_length", 256))
-    raise QProbeError(f"the probe's feature extractor {identity!r} cannot be rebuilt here (kind {kind!r})")
 
 
 class Backend:
@@ -105,9 +93,12 @@ class _Embedding:
         if not identity:
             raise QProbeError("the probe records no feature extractor, so the server cannot embed completions; "
                               "retrain it with `qprobe train` on features made by `qprobe embed`")
-        from qprobe.embedders import get_embedder
+        from qprobe.registry import EMBEDDERS, rebuild
 
-        self.embedder = get_embedder(extractor_spec(identity, api_key))
+        try:
+            self.embedder = rebuild(EMBEDDERS, identity, api_key=api_key, max_retries=2)
+        except QProbeError as e:
+            raise QProbeError(f"the probe's feature extractor cannot be rebuilt here: {e}") from None
         self._lock = threading.Lock()
 
     def fill(self, prompt, cands: list[Candidate]) -> list[Candidate]:
@@ -142,7 +133,7 @@ class LocalBackend(Backend):
     Parameters
     ----------
     model : str
-        As for `HFSampler` (``smollm2-135m`` by default).
+        As for `HFSampler` (`DEFAULT_MODEL` by default).
     extractor : dict or None
         The probe's recorded extractor. ``hf`` on this model: captured during
         sampling. None: the last layer at the last token is captured (the
@@ -153,7 +144,7 @@ class LocalBackend(Backend):
         Requests drained from the queue into one batch.
     """
 
-    def __init__(self, model: str = "smollm2-135m", extractor: dict | None = None, batch_size: int = 32,
+    def __init__(self, model: str = DEFAULT_MODEL, extractor: dict | None = None, batch_size: int = 32,
                  max_batch_requests: int = 64, device: str | None = None, dtype: str | None = None,
                  api_key: str | None = None):
         self.model, self.batch_size, self.max_batch_requests = model, int(batch_size), int(max_batch_requests)
