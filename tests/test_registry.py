@@ -98,7 +98,7 @@ def _cli(env, cwd, *args):
     return r
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_plugin_backends_from_the_cli(plugin_env, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_id": i, "prompt": f"say {w}"}) + "\n"
@@ -126,7 +126,7 @@ def test_plugin_backends_from_the_cli(plugin_env, tmp_path):
     assert json.loads((tmp_path / "f.npy.json").read_text())["extractor"]["kind"] == "toy"
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_plugin_errors_are_one_line(plugin_env, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt_id": 0, "prompt": "say yes"}) + "\n")
@@ -137,7 +137,7 @@ def test_plugin_errors_are_one_line(plugin_env, tmp_path):
     assert r.returncode == 1 and "unknown sampler 'nope' (registered: api, hf, toy)" in r.stderr
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_plugin_is_listed(plugin_env):
     code = "from qprobe.registry import available; print(sorted(available('qprobe.rewards')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=plugin_env, check=True)

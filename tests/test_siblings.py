@@ -250,7 +250,7 @@ def reward(row):
 '''
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_loop_resumes_after_kill_9_with_the_same_result(tmp_path):
     rows, feats = _files(tmp_path, n_prompts=45)
     (tmp_path / "slow_oracle.py").write_text(ORACLE)
