@@ -103,3 +103,26 @@ def _build_tiny_model(out) -> None:
     LlamaForCausalLM(cfg).save_pretrained(out)
 
 
+
+
+def rows_and_features(folder, n_prompts=30, k=4, d=6, seed=0, extra=None) -> tuple[Path, Path]:
+    """rows.jsonl and f.npy in `folder`: k rewarded samples per prompt, a third of the prompts
+    ``split: test``, rewards that follow feature 0 (``extra(p)``: more fields for prompt p).
+
+    The features record a made-up extractor (kind ``fake``): nothing can rebuild it.
+    """
+    from qprobe.io import save_features
+    from qprobe.io import write_jsonl as _write
+
+    folder = Path(folder)
+    rs = np.random.default_rng(seed)
+    rows, X = [], rs.normal(size=(n_prompts * k, d))
+    for p in range(n_prompts):
+        for s in range(k):
+            i = p * k + s
+            rows.append({"prompt_id": p, "prompt": f"task {p}", "sample": s, "completion": f"c{p}-{s}",
+                         "reward": float(X[i, 0] + 0.3 * rs.normal() > 0.8), "split": "train" if p % 3 else "test",
+                         **(extra(p) if extra else {})})
+    _write(folder / "rows.jsonl", rows)
+    save_features(folder / "f.npy", X.astype(np.float32), rows, {"kind": "fake", "model": "t"})
+    return folder / "rows.jsonl", folder / "f.npy"
