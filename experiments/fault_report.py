@@ -1,14 +1,15 @@
-"""Fault report: run the fault-injection scenarios of `qprobe.testing.faults` and print their figures.
+"""Fault report: run the fault-injection scenarios of `qprobe.testing` and print their figures.
 
     python experiments/fault_report.py [--rows 300] [--workdir DIR]
 
 prints one table of figures and ends with one JSON line of the same figures (see the
-scenarios' docstrings in qprobe/testing/faults.py; tests/test_reliability.py and
-tests/test_hostile.py assert on them). Round 2 (issue 16): outputs naming an input, special
+scenarios' docstrings in qprobe/testing/; tests/test_reliability.py and
+tests/test_hostile.py assert on them). Misused commands (`qprobe.testing.misuse`): outputs naming an input, special
 files (on device nodes of its own, never the system's), absurd limits, features without a
 sidecar, about thirty malformed inputs, completions that try to forge a code reward, and
-the input files destroyed by all of it (must be 0). `--round2-only` runs just these
-(no model, minutes). The `serve` section (issue 24) runs a real `qprobe serve` process against
+the input files destroyed by all of it (must be 0). `--misuse-only` (or its former name `--round2-only`) runs just these
+(no model, minutes).
+The `serve` section runs a real `qprobe serve` process against
 hostile clients and a hostile upstream: requests refused with the right status, connections the
 server dropped, keys sent to hosts the user did not name (must be 0), error bodies echoing a
 password or an upstream body (must be 0), and the server's peak memory over its idle size
@@ -18,22 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 
-from qprobe.testing.faults import (
-    concurrent_embeds,
-    dead_server,
-    empty_completions,
-    faulty_server,
-    hostile_inputs,
-    hostile_round2,
-    kill_and_resume,
-    round2_figures,
-    tiny_model,
-)
-from qprobe.testing.serve_faults import serve_faults, serve_figures
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an unknown model id must fail at once, not wait for the hub
+
+from qprobe.testing.bad_files import empty_completions, hostile_inputs  # noqa: E402
+from qprobe.testing.inputs import tiny_model  # noqa: E402
+from qprobe.testing.misuse import misuse_figures, run_misuse_cases  # noqa: E402
+from qprobe.testing.resume import kill_and_resume  # noqa: E402
+from qprobe.testing.server_faults import concurrent_embeds, dead_server, faulty_server  # noqa: E402
+from qprobe.testing.serve_faults import serve_faults, serve_figures  # noqa: E402
 
 
 # ------------------------------------------------------------------ the report
@@ -43,10 +41,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", default=None, help="keep the files here [default: a temporary folder]")
     ap.add_argument("--model-dir", default=None, help="a small local model for the context-length cases")
     ap.add_argument("--no-model", action="store_true", help="skip the cases that need a local model")
-    ap.add_argument("--round2-only", action="store_true",
-                    help="run only the round-2 hostile inputs and forgeries (issue 16; no model, a few minutes)")
+    ap.add_argument("--misuse-only", "--round2-only", dest="misuse_only", action="store_true",
+                    help="run only the misused commands and the forged rewards (no model, a few minutes)")
     ap.add_argument("--serve-only", action="store_true",
-                    help="run only the serve section (issue 24; no model, about a minute)")
+                    help="run only the serve section (no model, about a minute)")
     a = ap.parse_args(argv)
     t0 = time.monotonic()
     if a.serve_only:
@@ -56,11 +54,11 @@ def main(argv=None) -> dict:
         _print_serve(sv)
         print(json.dumps(fig))
         return fig
-    if a.round2_only:
+    if a.misuse_only:
         with tempfile.TemporaryDirectory(prefix="qprobe-faults-") as tmp:
-            r2 = hostile_round2(Path(a.workdir or tmp) / "round2")
-        fig = {**round2_figures(r2), "seconds": round(time.monotonic() - t0, 1)}
-        _print_round2(r2)
+            r2 = run_misuse_cases(Path(a.workdir or tmp) / "round2")
+        fig = {**misuse_figures(r2), "seconds": round(time.monotonic() - t0, 1)}
+        _print_misuse(r2)
         print(json.dumps(fig))
         return fig
     with tempfile.TemporaryDirectory(prefix="qprobe-faults-") as tmp:
@@ -75,7 +73,7 @@ def main(argv=None) -> dict:
         shared = concurrent_embeds(work / "shared", 200)
         hostile = hostile_inputs(work / "hostile", model_dir)
         empty = empty_completions(work / "empty", model_dir)
-        r2 = hostile_round2(work / "round2")
+        r2 = run_misuse_cases(work / "round2")
         sv = serve_faults(work / "serve")
     fig = {
         "runs_interrupted": sum(k["interrupted"] for k in kills),
@@ -95,19 +93,19 @@ def main(argv=None) -> dict:
         "valid_odd_inputs_accepted": sum(h["ok"] for h in hostile if h["expected"] == "accepted")
         + sum(e["rc"] == 0 for e in empty),
         "shared_cache_runs_correct": 2 * shared["both_correct"],
-        **round2_figures(r2),
+        **misuse_figures(r2),
         **serve_figures(sv),
         "seconds": round(time.monotonic() - t0, 1),
     }
     _print(kills, faults, dead, shared, hostile, empty)
-    _print_round2(r2)
+    _print_misuse(r2)
     _print_serve(sv)
     print(json.dumps(fig))
     return fig
 
 
-def _print_round2(r2: dict) -> None:
-    print("hostile inputs, round 2 (issue 16)")
+def _print_misuse(r2: dict) -> None:
+    print("misused commands")
     for x in r2["entries"]:
         mark = "ok " if x["ok"] else "BAD"
         print(f"  {mark} {x['class']:<14}{x['what']:<52} {(x['line'] or '')[:100]}")

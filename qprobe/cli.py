@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from qprobe.errors import QProbeError, missing_extra
+from qprobe.hfmodel import DEFAULT_MODEL
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -76,7 +77,7 @@ def make_cache(cache_dir, no_cache):
 def model_options(fn):
     opts = [
         click.option("--model", "-m", default=None, help="Local model: Hugging Face id, folder, .gguf file, or "
-                     "'smollm2-135m' (the default when no --api-base is given)."),
+                     f"'{DEFAULT_MODEL}' (the default when no --api-base is given)."),
         click.option("--api-base", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1."),
         click.option("--api-model", default=None, help="Model name on the server (required with --api-base)."),
         click.option("--api-key", default=None, envvar="OPENAI_API_KEY", show_envvar=True,
@@ -93,18 +94,6 @@ def model_options(fn):
     for o in reversed(opts):
         fn = o(fn)
     return fn
-
-
-def _backend(model, api_base, api_model):
-    if api_base and model:
-        raise QProbeError("give --model or --api-base, not both")
-    if api_base:
-        if not api_model:
-            raise QProbeError("--api-base needs --api-model")
-        return "api"
-    if api_model:
-        raise QProbeError("--api-model needs --api-base")
-    return "hf"
 
 
 def _parse_backend_options(ctx, param, values) -> dict:
@@ -124,13 +113,6 @@ backend_options = click.option(
     "--option", "-O", "backend_opts", multiple=True, metavar="KEY=VALUE", callback=_parse_backend_options,
     help="Backend-specific keyword argument, passed to the backend's constructor (repeatable; "
          "VALUE is read as JSON when it parses, else as a string).")
-
-
-def _plugin_options(model, api_base, api_model, api_key, device, dtype, batch_size) -> dict:
-    """The generic options a plugin backend gets, those the user gave (None: the backend's default)."""
-    opts = dict(model=model or api_model, api_base=api_base, api_key=api_key if api_base else None,
-                device=device, dtype=dtype, batch_size=batch_size)
-    return {k: v for k, v in opts.items() if v is not None}
 
 
 @click.group(context_settings=CONTEXT)
@@ -206,45 +188,14 @@ def sample(prompts_file, output, model, api_base, api_model, api_key, device, dt
     each live row proposes --branch continuations per chunk and keeps one by softmax(Q / beta).
     """
     from qprobe.pipeline import sample_file
-    from qprobe.samplers import get_sampler
+    from qprobe.registry import SAMPLERS, build
 
-    settings = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop=list(stop))
-    name = sampler_name or _backend(model, api_base, api_model)
-    if name != "hf" and guide:
-        raise QProbeError("--guide needs a local model (--model): it branches rows and reads hidden states, "
-                          "which an API does not expose")
-    if name != "hf" and prefix_every:
-        raise QProbeError("--prefix-every works with local models only")
-    if name not in ("hf", "api"):
-        if capture or code_block:
-            raise QProbeError("--capture and --code-block work with the hf sampler only")
-        spec = {"kind": name, **_plugin_options(model, api_base, api_model, api_key, device, dtype, batch_size),
-                **settings, **backend_opts}
-    elif _backend(model, api_base, api_model) != name:
-        raise QProbeError(f"--sampler {name} needs " + ("--api-base and --api-model" if name == "api" else
-                                                         "--model (or nothing), not --api-base"))
-    elif name == "api":
-        if capture:
-            raise QProbeError("--capture works with local models only")
-        if code_block:
-            raise QProbeError("--code-block works with local models only; give the API a --stop string instead")
-        spec = dict(kind="api", api_base=api_base, model=api_model, api_key=api_key, timeout=request_timeout,
-                    max_retries=max_retries, **settings)
-    else:
-        caps = []
-        for c in capture:
-            layer, _, pooling = c.partition(":")
-            try:
-                caps.append((int(layer), pooling or "last"))
-            except ValueError:
-                raise QProbeError(f"--capture {c!r}: expected LAYER:POOLING, e.g. -1:last") from None
-        spec = dict(kind="hf", model=model or "smollm2-135m", device=device, dtype=dtype, batch_size=batch_size,
-                    capture=caps, code_block=code_block, prefix_every=prefix_every, **settings)
-        if guide:
-            spec.update(guide=guide, chunk=chunk, branch=branch, beta=beta)
-    if name in ("hf", "api"):
-        spec.update(backend_opts)
-    rows = sample_file(prompts_file, output, get_sampler(spec), k=k, seed=seed, cache=make_cache(cache_dir, no_cache))
+    sampler = build(SAMPLERS, sampler_name, backend_opts, model=model, api_base=api_base, api_model=api_model,
+                    api_key=api_key, device=device, dtype=dtype, batch_size=batch_size, timeout=request_timeout,
+                    max_retries=max_retries, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                    stop=list(stop), capture=list(capture), code_block=code_block, prefix_every=prefix_every,
+                    guide=guide, chunk=chunk, branch=branch, beta=beta)
+    rows = sample_file(prompts_file, output, sampler, k=k, seed=seed, cache=make_cache(cache_dir, no_cache))
     click.echo(f"wrote {len(rows)} completions to {output}", err=True)
 
 
@@ -296,32 +247,13 @@ def reward(completions, output, kind, into, timeout, workers, cache_dir, no_cach
 def embed(completions, output, model, api_base, api_model, api_key, device, dtype, batch_size, request_timeout,
           max_retries, layer, pooling, embedder_name, backend_opts, sentence_model, prefix, cache_dir, no_cache):
     """Features of each (prompt, completion) row, aligned with the rows (or with --prefix, of each prefix)."""
-    from qprobe.embedders import get_embedder
     from qprobe.pipeline import embed_file
+    from qprobe.registry import EMBEDDERS, build
 
-    name = embedder_name or ("sentence" if sentence_model else _backend(model, api_base, api_model))
-    if name not in ("hf", "api", "sentence"):
-        if sentence_model:
-            raise QProbeError(f"--sentence-model goes with --embedder sentence, not {name}")
-        spec = {"kind": name, **_plugin_options(model, api_base, api_model, api_key, device, dtype, batch_size),
-                "layer": layer, "pooling": pooling}
-    elif name == "sentence" and not sentence_model:
-        raise QProbeError("--embedder sentence needs --sentence-model")
-    elif name != "sentence" and _backend(model, api_base, api_model) != name:
-        raise QProbeError(f"--embedder {name} needs " + ("--api-base and --api-model" if name == "api" else
-                                                          "--model (or nothing), not --api-base"))
-    elif sentence_model:
-        if model or api_base:
-            raise QProbeError("--sentence-model excludes --model and --api-base")
-        spec = dict(kind="sentence", model=sentence_model, device=device, batch_size=batch_size)
-    elif _backend(model, api_base, api_model) == "api":
-        spec = dict(kind="api", api_base=api_base, model=api_model, api_key=api_key, batch_size=batch_size,
-                    pooling="mean" if pooling == "mean" else "last", timeout=request_timeout, max_retries=max_retries)
-    else:
-        spec = dict(kind="hf", model=model or "smollm2-135m", layer=-1 if layer is None else layer,
-                    pooling=pooling or "last", device=device, dtype=dtype, batch_size=batch_size)
-    spec.update(backend_opts)
-    X = embed_file(completions, output, get_embedder(spec), cache=make_cache(cache_dir, no_cache), prefix=prefix)
+    embedder = build(EMBEDDERS, embedder_name, backend_opts, model=model, api_base=api_base, api_model=api_model,
+                     api_key=api_key, device=device, dtype=dtype, batch_size=batch_size, timeout=request_timeout,
+                     max_retries=max_retries, layer=layer, pooling=pooling, sentence_model=sentence_model)
+    X = embed_file(completions, output, embedder, cache=make_cache(cache_dir, no_cache), prefix=prefix)
     click.echo(f"wrote features {X.shape[0]} x {X.shape[1]} to {output}", err=True)
 
 
@@ -541,7 +473,7 @@ def loop(rows, features, state_path, rounds, budget, rule, c, objective, alpha, 
               help="MBPP test tasks (at most 100 without --mbpp).")
 @click.option("-k", type=click.IntRange(2), default=4, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(1), default=160, show_default=True)
-@click.option("--model", "-m", default="smollm2-135m", show_default=True)
+@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True)
 @click.option("--benchmark", "benchmark_dir", default=None, type=click.Path(file_okay=False),
               help="A committed benchmark set for part 2 [default: a checkout's data/mbpp-qwen2.5-coder-0.5b].")
 @click.option("--no-benchmark", is_flag=True, help="Only part 1, the live run.")
@@ -645,7 +577,7 @@ def read_key_file(path: str, flag: str) -> str:
 
 @cli.command(context_settings=CONTEXT)
 @click.option("--probe", "probe_dir", required=True, type=click.Path(file_okay=False), help="Probe folder.")
-@click.option("--model", "-m", default=None, help="Local model [default: smollm2-135m when no --api-base].")
+@click.option("--model", "-m", default=None, help=f"Local model [default: {DEFAULT_MODEL} when no --api-base].")
 @click.option("--api-base", default=None, help="Upstream OpenAI-compatible server, e.g. http://127.0.0.1:8123/v1.")
 @click.option("--api-model", default=None, help="Model name on the upstream server (required with --api-base).")
 @click.option("--api-key", default=None, envvar="OPENAI_API_KEY", show_envvar=True,
@@ -695,9 +627,10 @@ def serve(probe_dir, model, api_base, api_model, api_key, extractor_api_key, api
     """
     import os
 
+    from qprobe.registry import uses_api
     from qprobe.serve import build
 
-    _backend(model, api_base, api_model)
+    uses_api(model, api_base, api_model)  # one line for a contradictory set, before any loading
     token = read_key_file(api_key_file, "--api-key-file") if api_key_file else (
         os.environ.get("QPROBE_SERVE_API_KEY") or None)
     app = build(probe_dir, model=model, api_base=api_base, api_model=api_model, api_key=api_key,

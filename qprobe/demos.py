@@ -66,24 +66,16 @@ def demo_items(rows: list[dict], source: str, template: str = "{demo}", path="ro
 
 
 def embedder_from_identity(identity: dict | None, api_key: str | None = None):
-    """The embedder that made features with this recorded identity (hf, sentence or api).
+    """The embedder that made features with this recorded identity (any registered kind).
 
     An ``api`` extractor's host was read from the features' sidecar: it gets `api_key`
     (given by the user for it, ``--extractor-api-key``) and never ``$OPENAI_API_KEY``.
     """
-    from qprobe.embedders import get_embedder
+    from qprobe.registry import EMBEDDERS, rebuild
 
     if not identity or "kind" not in identity:
         raise QProbeError("--demos needs features that record their extractor (made by `qprobe embed` or `sample --capture`)")
-    kind = identity["kind"]
-    keep = {"hf": ("model", "layer", "pooling"), "sentence": ("model", "max_length"),
-            "api": ("api_base", "model", "pooling")}.get(kind)
-    if keep is None:
-        raise QProbeError(f"--demos: cannot rebuild an extractor of kind {kind!r}")
-    spec = {"kind": kind, **{k: identity[k] for k in keep if k in identity}}
-    if kind == "api":
-        spec.update(api_key=api_key, env_key=False)
-    emb = get_embedder(spec)
-    if emb.identity() != identity:
-        raise QProbeError(f"--demos: rebuilt extractor {emb.identity()} differs from the features' {identity}")
-    return emb
+    try:
+        return rebuild(EMBEDDERS, identity, api_key=api_key, env_key=False)
+    except QProbeError as e:
+        raise QProbeError(f"--demos: {e}") from None

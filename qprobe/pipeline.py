@@ -125,13 +125,13 @@ def reward_file(src, dst, kind: str, cache: Cache | None = None, workers=None, t
     """Score every row into the field `into` (its reason into `<into>_reason`); other fields are
     kept, so a signal (``--kind code:shown_tests --into shown``) sits beside the reward.
     Results are cached in chunks, so a killed run resumes."""
-    from qprobe.rewards import REWARDS_VERSION, score_rows
+    from qprobe.rewards import reward_identity, score_rows
 
     if not into.isidentifier():
         raise QProbeError(f"--into {into!r}: expected a field name (letters, digits, _)")
     check_outputs([dst], [src])
     rows = read_completions(src)
-    identity = {"reward": kind, "timeout": timeout, "version": REWARDS_VERSION}  # new version: old cached scores unused
+    identity = reward_identity(kind, timeout=timeout)  # an edited python: reward or upgraded plugin: a new key
     scored = {"reward", "reward_reason", into, f"{into}_reason"}  # outputs, not inputs, of the reward
     keys = [make_key(identity, {k: v for k, v in r.items() if k not in scored}) for r in rows]
 

@@ -6,6 +6,17 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an unknown model id must fail at once, not wait for the hub
+
+
+WHY_SLOW = ("model", "subprocess", "server")  # the markers that say why a test is in the full lane
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects: `-m "not slow"` leaves these out
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(item.get_closest_marker(m) for m in WHY_SLOW) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +26,7 @@ def tiny_model_dir(tmp_path_factory):
     Exercises the "any local path" branch of the loaders at a fraction of the cost.
     """
     pytest.importorskip("transformers")
-    from qprobe.testing.faults import tiny_model
+    from qprobe.testing.inputs import tiny_model
 
     return tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 

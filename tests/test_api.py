@@ -187,7 +187,7 @@ def test_embedding_short_response_and_dead_server():
         embedder(stub, max_retries=1).embed(items(2), progress=False)
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_import_qprobe_does_not_import_openai():
     code = ("import sys, qprobe, qprobe.samplers.openai_api, qprobe.embedders.openai_api, qprobe.apiclient; "
             "sys.exit('openai' in sys.modules)")
@@ -197,7 +197,6 @@ def test_import_qprobe_does_not_import_openai():
 # ------------------------------------------------------------------ the real llama.cpp server
 
 
-@pytest.mark.slow
 @pytest.mark.server
 @pytest.mark.parametrize("mode", ["chat", "completions"])
 def test_llama_sampling_n3(llama, mode):
@@ -212,7 +211,6 @@ def test_llama_sampling_n3(llama, mode):
         assert len({r["completion"] for r in out if r["prompt_id"] == pid}) >= 2
 
 
-@pytest.mark.slow
 @pytest.mark.server
 def test_llama_embeddings_pooled(llama):
     its = [("def add(a, b):", " return a + b"), ("def add(a, b):", " return a - b"),

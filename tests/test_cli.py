@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
-from qprobe.testing.faults import cli_env, one_error_line, run_cli  # noqa: E402
+from qprobe.testing.runner import cli_env, one_error_line, run_cli  # noqa: E402
 from qprobe.testing.servers import StubServer, completion_for, embedding_for  # noqa: E402
 
 from qprobe.cli import cli  # noqa: E402
@@ -90,7 +90,7 @@ def test_prompts_mbpp_limit_and_split(tmp_path):
     assert {r["split"] for r in read_jsonl(tmp_path / "t.jsonl")} == {"test"}
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_subprocess_python_cli_prompts_and_qprobe_script_sample(tmp_path, stub):
     """Both entry points as real processes: `python cli.py` and the installed `qprobe`."""
     p = run_cli(["prompts", "mbpp", MBPP, "-o", tmp_path / "p.jsonl", "--limit", 2], tmp_path)
@@ -214,7 +214,7 @@ def test_eval_first_k_and_where(tmp_path):
     assert "no rows match --where" in error("eval", rows, X, "--probe", tmp_path / "probe", "--where", "prompt_id=zz")
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_subprocess_train_rerank_eval(tmp_path):
     rows, X = synthetic(tmp_path)
     probe = tmp_path / "probe"
@@ -249,7 +249,7 @@ def test_user_errors_in_process(tmp_path):
         "rerank", rows, X2, "--probe", tmp_path / "probe", "-o", tmp_path / "c.jsonl")
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_user_errors_as_subprocess(tmp_path):
     """The same one-line contract in a real process (no click runner in between)."""
     rows, X = synthetic(tmp_path)
@@ -262,7 +262,7 @@ def test_user_errors_as_subprocess(tmp_path):
         assert p.returncode == 1 and line and expect in line, p.stderr
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_unknown_model_is_one_line_and_does_not_hang(tmp_path, prompts_file):
     assert error("embed", jsonl(tmp_path / "rows.jsonl", MBPP_ROWS), "-o", tmp_path / "X.npy", "--model",
                  "/nonexistent", "--no-cache").startswith("Error: --model /nonexistent: no such folder or file")
@@ -275,7 +275,7 @@ def test_unknown_model_is_one_line_and_does_not_hang(tmp_path, prompts_file):
     assert time.monotonic() - t0 < 90
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_unreachable_api_is_one_line_and_quick(tmp_path, prompts_file):
     t0 = time.monotonic()
     p = run_cli(["sample", prompts_file, "-o", tmp_path / "c.jsonl", "--api-base", "http://127.0.0.1:9/v1",

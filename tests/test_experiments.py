@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_mbpp_table_json_contract(tmp_path):
     plot = tmp_path / "plot.png"
     r = subprocess.run([sys.executable, str(ROOT / "experiments" / "mbpp_table.py"), "--json", "--seeds", "1",

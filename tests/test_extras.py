@@ -48,7 +48,7 @@ def files(tmp_path):
     (["openai"], ["embed", "c.jsonl", "-o", "f.npy", "--api-base", "http://127.0.0.1:9/v1", "--api-model", "m",
                   "--no-cache"], "api"),
 ])
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_missing_extra_is_one_line(files, blocked, args, extra):
     r = _cli_without(blocked, args, files)
     assert r.returncode == 1, r.stderr
@@ -57,7 +57,7 @@ def test_missing_extra_is_one_line(files, blocked, args, extra):
         f"Error: {blocked[0]} is not installed; it comes with: pip install 'qprobe[{extra}]'")
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_missing_torch_for_a_torch_head(files):
     np_feats = files / "f.npy"
     import numpy as np

@@ -64,7 +64,7 @@ def _prefix_probe(direction, model, layer, pooling):
     return p
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_prefix_features_equal_a_separate_forward_pass(smollm, tmp_path):
     from qprobe.embedders.hf import HFEmbedder
     from qprobe.pipeline import prefix_rows
@@ -88,7 +88,7 @@ def test_prefix_features_equal_a_separate_forward_pass(smollm, tmp_path):
             np.testing.assert_allclose(captured, fresh, atol=2e-2 * np.abs(fresh).max())
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_guided_with_one_branch_or_infinite_beta_is_plain_sampling(smollm):
     from qprobe.samplers.hf import HFSampler
 
@@ -108,7 +108,7 @@ def test_guided_with_one_branch_or_infinite_beta_is_plain_sampling(smollm):
     assert all(r["n_generated"] > r["n_tokens"] for r in wide if r["n_tokens"] > 6)
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_guidance_steers_towards_a_preferred_token(smollm):
     """Q = mean over the completion of <input embedding, embedding of ','>: guidance should add commas."""
     from qprobe.samplers.hf import HFSampler
@@ -183,7 +183,7 @@ def test_train_prefix_labels_each_prefix_with_its_completion_reward(tmp_path):
         prefix_rows(bad, tmp_path / "bad.jsonl")
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_killed_guided_run_resumes_like_sample(tmp_path, tiny_model_dir):
     """SIGKILL `qprobe sample --guide` mid-run, rerun: no cached completion is redrawn, output as uninterrupted."""
     from qprobe.io import read_jsonl, write_jsonl

@@ -34,7 +34,7 @@ def test_feature_identity_names_the_dtype():
     assert HFEmbedder(device="cpu").cache_key("p", "c") != HFEmbedder(device="cpu", dtype="bfloat16").cache_key("p", "c")
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_greedy_batched_equals_one_at_a_time_and_plain_generate(smollm):
     import torch
 
@@ -50,7 +50,7 @@ def test_greedy_batched_equals_one_at_a_time_and_plain_generate(smollm):
     assert batched[0]["completion"] == tok.decode(ref, skip_special_tokens=True)
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_seeded_sampling_is_reproducible_and_samples_differ(smollm):
     from qprobe.samplers.hf import HFSampler
 
@@ -60,7 +60,7 @@ def test_seeded_sampling_is_reproducible_and_samples_differ(smollm):
     assert len({r["completion"] for r in a}) > 3  # the k samples of a prompt are not copies
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_features_from_sampling_match_a_separate_forward_pass(smollm, tmp_path):
     from qprobe.embedders.hf import HFEmbedder
     from qprobe.samplers.hf import HFSampler
@@ -78,7 +78,7 @@ def test_features_from_sampling_match_a_separate_forward_pass(smollm, tmp_path):
         np.testing.assert_allclose(captured, fresh, atol=2e-2 * scale)
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_embedder_pooling_and_layers(smollm):
     import torch
 
@@ -127,7 +127,7 @@ def test_unknown_model_is_one_clear_error(monkeypatch):
         load_model("no-such-org/no-such-model")
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_sentence_embedder():
     from qprobe.embedders.sentence import SentenceEmbedder
 

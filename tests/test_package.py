@@ -18,13 +18,13 @@ def _modules_after(code: str) -> set[str]:
     return set(out.split())
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_import_qprobe_does_not_import_heavy_backends():
     mods = _modules_after("import qprobe")
     assert not [m for m in HEAVY if m in mods]
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_cli_help_does_not_import_heavy_backends():
     code = ("import sys; sys.argv = ['qprobe', '--help']\nfrom qprobe import cli\ntry:\n    cli.main()\nexcept SystemExit:\n    pass")
     mods = _modules_after(code)
@@ -39,7 +39,7 @@ def _installed_qprobe() -> str:
     return found
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_checkout_cli_module_and_installed_command_are_the_same_program():
     runs = {
         "cli.py": [sys.executable, "cli.py", "--help"],
@@ -78,7 +78,7 @@ def test_demo_tasks_ship_in_the_package():
         assert len(mbpp_rows(path, splits=["train"])) == len(mbpp_rows(path, splits=["test"])) == SHIPPED_TASKS
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_wheel_holds_the_package_its_data_and_entry_points(tmp_path):
     """`pip wheel .`: package data and the backend entry points are in it; no top-level `cli` module."""
     import importlib.util

@@ -276,7 +276,7 @@ def test_clone_and_params():
     assert not hasattr(clone(fitted), "coef_")
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_import_qprobe_does_not_import_torch():
     code = "import sys, qprobe; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -98,7 +98,7 @@ def _cli(env, cwd, *args):
     return r
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_plugin_backends_from_the_cli(plugin_env, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_id": i, "prompt": f"say {w}"}) + "\n"
@@ -126,7 +126,7 @@ def test_plugin_backends_from_the_cli(plugin_env, tmp_path):
     assert json.loads((tmp_path / "f.npy.json").read_text())["extractor"]["kind"] == "toy"
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_plugin_errors_are_one_line(plugin_env, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt_id": 0, "prompt": "say yes"}) + "\n")
@@ -137,9 +137,117 @@ def test_plugin_errors_are_one_line(plugin_env, tmp_path):
     assert r.returncode == 1 and "unknown sampler 'nope' (registered: api, hf, toy)" in r.stderr
 
 
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_plugin_is_listed(plugin_env):
     code = "from qprobe.registry import available; print(sorted(available('qprobe.rewards')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=plugin_env, check=True)
     assert "'toy'" in out.stdout
     assert "toy" not in available(REWARDS)  # this process never saw the plugin
+    code = "from qprobe.rewards import reward_identity; print(reward_identity('toy:5')['plugin'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=plugin_env, check=True)
+    assert out.stdout.strip() == "qprobe-toy==0.1.0"  # an upgraded plugin: its cached scores are not reused
+
+
+# ------------------------------------------------------------------ backends build themselves
+@pytest.fixture()
+def toy_registered(monkeypatch):
+    """The toy plugin's backends registered in this process (as an installed plugin's entry points would be)."""
+    monkeypatch.syspath_prepend(str(PLUGIN.parent))
+    monkeypatch.setitem(BUILTIN[SAMPLERS], "toy", "qprobe_toy:ToySampler")
+    monkeypatch.setitem(BUILTIN[EMBEDDERS], "toy", "qprobe_toy:ToyEmbedder")
+
+
+def test_build_maps_the_generic_options(toy_registered):
+    from qprobe.hfmodel import DEFAULT_MODEL
+    from qprobe.registry import build
+
+    emb = build(EMBEDDERS, None, model=None, layer=3, pooling="mean", device="cpu")
+    assert (type(emb).__name__, emb.model, emb.layer, emb.pooling) == ("HFEmbedder", DEFAULT_MODEL, 3, "mean")
+    emb = build(EMBEDDERS, None, api_base="http://127.0.0.1:9/v1/", api_model="m", api_key="k", pooling=None)
+    assert emb.identity() == {"kind": "api", "api_base": "http://127.0.0.1:9/v1", "model": "m", "pooling": "last"}
+    assert type(build(EMBEDDERS, None, sentence_model="all-minilm-l6-v2")).__name__ == "SentenceEmbedder"
+    s = build(SAMPLERS, None, capture=["-1:last", "4"], temperature=0.5, stop=["\n"])
+    assert (s.model, s.capture, s.temperature, s.stop) == (DEFAULT_MODEL, [(-1, "last"), (4, "last")], 0.5, ["\n"])
+    toy = build(SAMPLERS, "toy", {"word": "hey"}, model="m", temperature=0.3, max_new_tokens=9, device=None)
+    assert toy.identity() == {"kind": "toy", "model": "m", "max_new_tokens": 9, "word": "hey"}
+    assert build(EMBEDDERS, "toy", {"scale": 2.0}).identity() == {"kind": "toy", "model": "toy", "scale": 2.0}
+    for group, name, options, message in [
+        (SAMPLERS, None, dict(api_base="http://x/v1"), "--api-base needs --api-model"),
+        (SAMPLERS, None, dict(api_base="http://x/v1", api_model="m", model="m"), "not both"),
+        (SAMPLERS, "hf", dict(api_model="m"), "--api-model needs --api-base"),
+        (SAMPLERS, "api", dict(), "--sampler api needs --api-base and --api-model"),
+        (SAMPLERS, "api", dict(api_base="http://x/v1", api_model="m", guide="p"), "--guide needs a local model"),
+        (SAMPLERS, "toy", dict(capture=["-1:last"]), "--capture and --code-block work with the hf sampler only"),
+        (SAMPLERS, "toy", dict(prefix_every=4), "--prefix-every works with local models only"),
+        (SAMPLERS, None, dict(capture=["last:-1"]), "expected LAYER:POOLING"),
+        (EMBEDDERS, "sentence", dict(), "--embedder sentence needs --sentence-model"),
+        (EMBEDDERS, None, dict(sentence_model="s", model="m"), "--sentence-model excludes --model"),
+        (EMBEDDERS, "toy", dict(sentence_model="s"), "--sentence-model goes with --embedder sentence"),
+        (EMBEDDERS, "hf", dict(api_base="http://x/v1", api_model="m"), "--embedder hf needs --model"),
+    ]:
+        with pytest.raises(QProbeError, match=message):
+            build(group, name, **options)
+
+
+def test_rebuild_from_an_identity(toy_registered):
+    from qprobe.registry import rebuild
+
+    ident = {"kind": "toy", "model": "toy", "scale": 3.0}
+    assert rebuild(EMBEDDERS, ident).identity() == ident
+    api = {"kind": "api", "api_base": "http://127.0.0.1:9/v1", "model": "m", "pooling": "mean"}
+    emb = rebuild(EMBEDDERS, api, api_key="k", max_retries=2, device="cpu")  # device: not the api's, left out
+    assert emb.identity() == api and emb.api.max_retries == 2
+    sentence = {"kind": "sentence", "model": "all-minilm-l6-v2", "max_length": 128, "pooling": "mean"}
+    assert rebuild(EMBEDDERS, sentence).identity() == sentence
+    with pytest.raises(QProbeError, match="unknown embedder 'gone'"):
+        rebuild(EMBEDDERS, {"kind": "gone"})
+    with pytest.raises(QProbeError, match="no embedder recorded"):
+        rebuild(EMBEDDERS, None)
+
+
+def _toy_rows(path: Path, n_prompts=6, k=3):
+    rows = [{"prompt_id": p, "prompt": f"task {p}", "sample": s, "completion": "x" * (p + s + 1),
+             "reward": float(s == 0), "solution": "y" * (2 * p + 1)} for p in range(n_prompts) for s in range(k)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_plugin_embedder_with_demos(toy_registered, tmp_path):
+    """`train --demos` rebuilds the features' extractor from its identity: a plugin's too."""
+    from click.testing import CliRunner
+
+    from qprobe.cli import cli
+
+    _toy_rows(tmp_path / "r.jsonl")
+    run = CliRunner().invoke
+    r = run(cli, ["embed", str(tmp_path / "r.jsonl"), "-o", str(tmp_path / "f.npy"), "--embedder", "toy",
+                  "-O", "scale=2", "--no-cache"])
+    assert r.exit_code == 0, r.output
+    r = run(cli, ["train", str(tmp_path / "r.jsonl"), str(tmp_path / "f.npy"), "-o", str(tmp_path / "probe"),
+                  "--objective", "mse", "--demos", "solution", "--no-cache"])
+    assert r.exit_code == 0, r.output
+    assert "+ 6 demonstrations" in r.output
+
+
+def test_a_plugin_embedder_in_serve(toy_registered, tmp_path):
+    """`serve` rebuilds the probe's extractor from its identity: a plugin's embeds the upstream's candidates."""
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    import numpy as np
+
+    from qprobe.probe import QProbe
+    from qprobe.serve import BackgroundServer, build
+    from qprobe.testing.servers import StubServer
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(32, 2)).astype(np.float32)
+    probe = QProbe("mse", beta=0.0, alpha=1.0).fit(X, X @ np.array([1.0, -0.5]))
+    probe.embedder_ = {"kind": "toy", "model": "toy", "scale": 1.0}
+    probe.save(tmp_path / "probe")
+    with StubServer() as stub, BackgroundServer(build(tmp_path / "probe", api_base=stub.url, api_model="stub-model",
+                                                      k=3, max_retries=0)) as srv:
+        r = openai.OpenAI(base_url=srv.url, api_key="x", max_retries=0).completions.create(
+            model="stub-model", prompt="say", max_tokens=8, extra_body={"candidates": True})
+    cands = r.model_extra["qprobe"]["candidates"]
+    assert len(cands) == 3
+    feats = np.array([[len(c["text"]), len(c["text"].split())] for c in cands], dtype=np.float32)
+    np.testing.assert_allclose([c["q"] for c in cands], probe.predict(feats), rtol=1e-5)

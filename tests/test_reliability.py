@@ -22,14 +22,17 @@ from qprobe.embedders.base import Embedder
 from qprobe.errors import QProbeError
 from qprobe.pipeline import reward_file
 from qprobe.samplers.base import Sampler
-from qprobe.testing import faults as fr
+from qprobe.testing.bad_files import empty_completions, hostile_inputs
+from qprobe.testing.inputs import completion_rows, write_jsonl
+from qprobe.testing.resume import kill_and_resume
+from qprobe.testing.server_faults import concurrent_embeds, dead_server, faulty_server
 
 
 # ------------------------------------------------------------------ kill -9 at several points, rerun
-@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("command", ["sample", "reward", "embed"])
 def test_kill_9_then_rerun_gives_the_uninterrupted_output(tmp_path, command):
-    r = fr.kill_and_resume(command, tmp_path, n_rows=200, kill_at=(0.3, 0.8))
+    r = kill_and_resume(command, tmp_path, n_rows=200, kill_at=(0.3, 0.8))
     assert r["final_rc"] == 0, r
     assert r["interrupted"] >= 1, r  # at least one kill landed mid-run
     assert r["identical"] and r["lost"] == 0 and r["duplicated"] == 0, r
@@ -45,19 +48,19 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_output(tmp_path, command):
 
 
 # ------------------------------------------------------------------ a faulty server
-@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("command", ["sample", "embed"])
 def test_thirty_percent_faults_still_give_the_right_output(tmp_path, command):
-    r = fr.faulty_server(command, tmp_path, n_rows=80, rate=0.3)
+    r = faulty_server(command, tmp_path, n_rows=80, rate=0.3)
     assert r["rc"] == 0 and r["correct"], r
     assert r["faults"] >= 5, r  # faults really happened
     assert r["requests"] > r["faults"]
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("command", ["sample", "embed"])
 def test_server_down_for_good_one_error_work_kept_then_resume(tmp_path, command):
-    r = fr.dead_server(command, tmp_path, n_rows=40, die_after=6)
+    r = dead_server(command, tmp_path, n_rows=40, die_after=6)
     assert r["rc"] == 1 and r["error"], r["stderr_tail"]  # one line, no traceback
     assert r["error"].startswith("Error: cannot reach API at http://127.0.0.1:") and "rerun to resume" in r["error"]
     assert r["wall_s"] < 30, r  # --max-retries 2
@@ -69,9 +72,9 @@ def test_server_down_for_good_one_error_work_kept_then_resume(tmp_path, command)
 
 
 # ------------------------------------------------------------------ two runs sharing one cache
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_embeds_sharing_one_cache_directory(tmp_path):
-    r = fr.concurrent_embeds(tmp_path, n_rows=120)
+    r = concurrent_embeds(tmp_path, n_rows=120)
     assert r["rc"] == [0, 0] and r["both_correct"] and not r["errors"], r
     assert r["cache_entries"] == r["distinct_inputs"], r
     assert r["distinct_inputs"] <= r["served"] <= sum(r["rows"]), r  # the overlap is embedded at most twice
@@ -100,7 +103,7 @@ def test_threads_sharing_one_cache_file(tmp_path):
 
 # ------------------------------------------------------------------ hostile or broken input
 def test_hostile_inputs_are_refused_with_one_line(tmp_path, tiny_model_dir):
-    results = fr.hostile_inputs(tmp_path, tiny_model_dir)
+    results = hostile_inputs(tmp_path, tiny_model_dir)
     bad = [(h["what"], h["line"]) for h in results if not h["ok"]]
     assert not bad, bad
     assert sum(h["expected"] == "refused" for h in results) >= 25
@@ -114,7 +117,7 @@ def test_empty_completions_are_samples_not_errors(tmp_path, tiny_model_dir):
     defined); match: 1.0 against an empty reference; embedders: a finite vector
     (the API embeds the prompt text; the local model takes its last prompt token).
     """
-    res = {r["step"]: r for r in fr.empty_completions(tmp_path, tiny_model_dir)}
+    res = {r["step"]: r for r in empty_completions(tmp_path, tiny_model_dir)}
     assert res["reward code"]["rc"] == 0 and res["reward code"]["reward"] == 0.0
     assert res["reward code"]["reason"] and res["reward code"]["reason"] != "passed"  # today "failed: NameError ..."
     assert res["reward match"]["rc"] == 0 and res["reward match"]["reward"] == 1.0
@@ -184,7 +187,7 @@ def test_sampler_caches_a_group_of_results_at_once(tmp_path):
 def test_reward_cache_works_from_an_empty_cache(tmp_path):
     """Regression: `cache or Cache.null()` dropped an empty (falsy) cache, so rewards were never cached."""
     src = tmp_path / "rows.jsonl"
-    fr.write_jsonl(src, fr.completion_rows(10))
+    write_jsonl(src, completion_rows(10))
     cache = Cache(tmp_path / "cache")
     reward_file(src, tmp_path / "out.jsonl", "match:prompt_id", cache=cache, progress=False)
     assert len(cache) == 10 and bool(Cache.null())

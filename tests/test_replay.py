@@ -62,7 +62,7 @@ def test_format_replay_names_each_policy(tmp_path):
     assert "base sampler" in text and "Q-probe" in text and "best-of-k oracle" in text
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_demo_part_one_runs_end_to_end(tmp_path):
     """The README's first command, small: the live pipeline on the embedded default."""
     from click.testing import CliRunner

@@ -195,3 +195,51 @@ def test_extract_code_bare_code_closed_by_an_unopened_fence():
     assert extract_code("def f():\n    return 1\n```\n\nThis function returns 1.") == "def f():\n    return 1\n"
     # prose before an untagged block is not code: the block wins
     assert extract_code("Here is code\n```\ndef f():\n    return 1\n```\n") == "def f():\n    return 1\n"
+
+
+def test_an_edited_python_reward_misses_the_cache(tmp_path, monkeypatch):
+    """The reward cache key holds a hash of the function's source file: after an edit the rows are
+    scored again (an unchanged file reads the cache); both `path.py:FN` and `MODULE:FN` forms."""
+    import json
+    import sys
+
+    from qprobe.cache import Cache
+    from qprobe.pipeline import reward_file
+
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps({"prompt_id": i, "prompt": "p", "sample": 0, "completion": "abc"}) + "\n"
+                           for i in range(3)))
+    cache = Cache(tmp_path / "cache")
+
+    def rewards(kind, value, cached=False):
+        (tmp_path / "judge.py").write_text(f"def score(row):\n    return {value}\n")
+        sys.modules.pop("judge", None)  # as a fresh process would import it
+        with monkeypatch.context() as m:
+            if cached:  # a cache hit calls no reward
+                m.setattr("qprobe.rewards.score.get_reward_fn", None)
+            return [r["reward"] for r in reward_file(src, tmp_path / "out.jsonl", kind, cache=cache, progress=False)]
+
+    for kind in (f"python:{tmp_path}/judge.py:score", "python:judge:score"):
+        assert rewards(kind, 1.0) == [1.0] * 3
+        assert rewards(kind, 2.0) == [2.0] * 3  # edited: not the cached 1.0
+        assert rewards(kind, 1.0, cached=True) == [1.0] * 3  # the first source again: its cached scores
+
+
+def test_reward_identity(monkeypatch, tmp_path):
+    from qprobe.rewards import REWARDS_VERSION, reward_identity
+
+    assert reward_identity("match:answer", timeout=2.0) == {"reward": "match:answer", "timeout": 2.0,
+                                                            "version": REWARDS_VERSION}
+    (tmp_path / "r.py").write_text("def f(row):\n    return 0.0\n")
+    ident = reward_identity(f"python:{tmp_path}/r.py:f")
+    assert len(ident["source_sha256"]) == 64
+    with pytest.raises(QProbeError, match="cannot import 'no_such_module_xyz'"):
+        reward_identity("python:no_such_module_xyz:fn")
+    with pytest.raises(QProbeError, match="unknown reward kind"):
+        reward_identity("bleu")
+    # a plugin's kind records the version of the package that registers it
+    versions = iter(["qprobe-toy==0.1.0", "qprobe-toy==0.2.0"])
+    monkeypatch.setattr("qprobe.rewards.score.distribution", lambda group, name: next(versions))
+    old, new = reward_identity("match"), reward_identity("match")
+    assert old["plugin"] == "qprobe-toy==0.1.0" and old != new

@@ -59,7 +59,7 @@ def test_penalty_follows_the_data(objective):
 
 
 @pytest.mark.skipif(torch is None, reason="torch not installed")
-@pytest.mark.slow  # a subprocess (fresh interpreter, imports): the full lane
+@pytest.mark.subprocess
 def test_pg_chooses_training_length_and_a_sharp_beta():
     X, y, g = data(4, n_groups=150, scale=6.0)
     t = tune(X, y, g, "pg", k=8, folds=3)

@@ -23,7 +23,7 @@ import pytest
 from qprobe.testing.servers import vllm_server, vllm_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+pytestmark = [pytest.mark.server, pytest.mark.vllm]
 
 PROMPTS = [
     {"prompt_id": "add", "prompt": "Write a Python function add(a, b) that returns a + b."},

@@ -46,6 +46,32 @@ class Embedder:
         """Return features of shape (len(items), dim). The one method a backend writes."""
         raise NotImplementedError
 
+    # ---------------------------------------------------------------- how it is built (qprobe.registry)
+    @classmethod
+    def kwargs_from_options(cls, *, model=None, api_base=None, api_model=None, api_key=None, device=None, dtype=None,
+                            batch_size=None, layer=None, pooling=None, sentence_model=None, **_) -> dict:
+        """Constructor arguments from the generic options of `registry.build` (None: not given).
+
+        This default, for a plugin: the model (``--model``, or ``--api-model`` with ``--api-base``),
+        the server and key, device, dtype, batch size, layer and pooling, those given. A built-in
+        overrides it to add its defaults and refuse what it cannot use.
+        """
+        if sentence_model:
+            raise QProbeError(f"--sentence-model goes with --embedder sentence, not {cls.__name__}")
+        return {k: v for k, v in dict(model=model or api_model, api_base=api_base, api_key=api_key if api_base else None,
+                                      device=device, dtype=dtype, batch_size=batch_size, layer=layer,
+                                      pooling=pooling).items() if v is not None}
+
+    @classmethod
+    def kwargs_from_identity(cls, identity: dict, **options) -> dict:
+        """Constructor arguments that rebuild the embedder whose `identity` this is (`registry.rebuild`).
+
+        This default: every identity entry and run-time option the constructor takes by name.
+        """
+        from qprobe.registry import takes
+
+        return takes(cls, {**{k: v for k, v in identity.items() if k != "kind"}, **options})
+
     # ---------------------------------------------------------------- shared machinery
     def cache_key(self, prompt: Prompt, completion: str) -> str:
         return make_key(self.identity(), [prompt, completion])
@@ -101,12 +127,13 @@ class Embedder:
 
 
 def get_embedder(spec: dict) -> Embedder:
-    """Build an embedder from a CLI-style spec dict: kind (a registered embedder name) plus its options.
+    """Build an embedder from a spec dict: kind (a registered embedder name) plus its constructor's arguments.
 
     Names come from the ``qprobe.embedders`` entry-point group (see `qprobe.registry`);
-    heavy imports happen only when the chosen backend's module is imported.
+    heavy imports happen only when the chosen backend's module is imported. From the CLI's
+    generic options: `registry.build`; from a recorded identity: `registry.rebuild`.
     """
-    from qprobe.registry import EMBEDDERS, build
+    from qprobe.registry import EMBEDDERS, construct
 
     opts = {k: v for k, v in spec.items() if k != "kind" and v is not None}
-    return build(EMBEDDERS, spec.get("kind", "hf"), opts)
+    return construct(EMBEDDERS, spec.get("kind", "hf"), opts)

@@ -60,6 +60,31 @@ class HFEmbedder(Embedder):
         self.dtype = dtype
         self._identity = None
 
+    @classmethod
+    def kwargs_from_options(cls, *, model=None, api_base=None, api_model=None, device=None, dtype=None,
+                            batch_size=None, layer=None, pooling=None, sentence_model=None, **_) -> dict:
+        """The generic options (`registry.build`): a local model, the default one when none is named."""
+        from qprobe.registry import uses_api
+
+        if sentence_model:
+            raise QProbeError("--sentence-model goes with --embedder sentence, not hf")
+        if uses_api(model, api_base, api_model):
+            raise QProbeError("--embedder hf needs --model (or nothing), not --api-base")
+        kw = dict(model=model or DEFAULT_MODEL, layer=-1 if layer is None else layer, pooling=pooling or "last",
+                  device=device, dtype=dtype, batch_size=batch_size)
+        return {k: v for k, v in kw.items() if v is not None}
+
+    @classmethod
+    def kwargs_from_identity(cls, identity: dict, device=None, dtype=None, batch_size=None, **_) -> dict:
+        """Model, layer and pooling from the identity; its dtype only where the device's default differs
+        (so a rebuilt embedder shares the loaded model of one built with the defaults)."""
+        kw = dict(model=identity["model"], layer=identity["layer"], pooling=identity["pooling"], device=device,
+                  batch_size=batch_size)
+        recorded = identity.get("dtype")
+        if dtype is None and recorded is not None and recorded != dtype_name(device, None):
+            dtype = recorded
+        return {k: v for k, v in dict(kw, dtype=dtype).items() if v is not None}
+
     def _load(self):
         return load_model(self.model, self.device, self.dtype)
 

@@ -95,6 +95,21 @@ class OpenAIEmbedder(Embedder):
         self.api = ApiClient(self.api_base, api_key, timeout=timeout, max_retries=max_retries, backoff=backoff,
                              env_key=env_key, **({} if max_bytes is None else {"max_bytes": max_bytes}))
 
+    @classmethod
+    def kwargs_from_options(cls, *, model=None, api_base=None, api_model=None, api_key=None, batch_size=None,
+                            pooling=None, sentence_model=None, timeout=None, max_retries=None, **_) -> dict:
+        """The generic options (`registry.build`): ``--api-base`` and ``--api-model`` name the server's model;
+        token-level vectors pool at the last token unless ``pooling`` is ``mean``."""
+        from qprobe.registry import uses_api
+
+        if sentence_model:
+            raise QProbeError("--sentence-model goes with --embedder sentence, not api")
+        if not uses_api(model, api_base, api_model):
+            raise QProbeError("--embedder api needs --api-base and --api-model")
+        kw = dict(api_base=api_base, model=api_model, api_key=api_key, batch_size=batch_size,
+                  pooling="mean" if pooling == "mean" else "last", timeout=timeout, max_retries=max_retries)
+        return {k: v for k, v in kw.items() if v is not None}
+
     @property
     def n_requests(self) -> int:
         """HTTP attempts made so far, retries included."""

@@ -54,6 +54,17 @@ class SentenceEmbedder(Embedder):
         self.max_length = int(max_length)
         self.device = device
 
+    @classmethod
+    def kwargs_from_options(cls, *, model=None, api_base=None, device=None, batch_size=None, sentence_model=None,
+                            **_) -> dict:
+        """The generic options (`registry.build`): ``--sentence-model`` names the encoder."""
+        if not sentence_model:
+            raise QProbeError("--embedder sentence needs --sentence-model")
+        if model or api_base:
+            raise QProbeError("--sentence-model excludes --model and --api-base")
+        return {k: v for k, v in dict(model=sentence_model, device=device, batch_size=batch_size).items()
+                if v is not None}
+
     def identity(self) -> dict:
         return {"kind": "sentence", "model": self.model, "max_length": self.max_length, "pooling": "mean"}
 

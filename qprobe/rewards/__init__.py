@@ -1,11 +1,8 @@
 """Rewards for completion rows: sandboxed code execution, exact match, regex,
 user functions. Re-exports only; see ``score.py`` for the ``kind`` names."""
-# bump when a reward can change for the same row (cached scores of older versions are not reused)
-REWARDS_VERSION = 2
-
 from qprobe.rewards.code import build_program, code_reward, extract_code
 from qprobe.rewards.sandbox import SandboxResult, run_python, sandbox_backend
-from qprobe.rewards.score import KINDS, get_reward_fn, score_rows
+from qprobe.rewards.score import KINDS, REWARDS_VERSION, get_reward_fn, reward_identity, score_rows
 from qprobe.rewards.simple import load_python_reward, match_reward, regex_reward
 
 __all__ = [
@@ -19,6 +16,7 @@ __all__ = [
     "load_python_reward",
     "match_reward",
     "regex_reward",
+    "reward_identity",
     "run_python",
     "sandbox_backend",
     "score_rows",

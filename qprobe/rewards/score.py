@@ -24,10 +24,50 @@ from typing import Callable, Iterable
 
 from qprobe.errors import QProbeError
 from qprobe.pool import map_unordered
-from qprobe.registry import REWARDS, available, load
+from qprobe.registry import REWARDS, available, distribution, load
 
 RewardFn = Callable[[dict], "tuple[float, str]"]
+# bump when a built-in reward can change for the same row (cached scores of older versions are not reused)
+REWARDS_VERSION = 2
 KINDS = ("code", "match", "match:FIELD", "regex", "regex:FIELD", "python:MODULE:FN")  # the built-ins
+
+
+def _check_kind(kind: str) -> tuple[str, str]:
+    name, _, arg = kind.partition(":")
+    if name not in available(REWARDS):
+        names = sorted(set(available(REWARDS)) - {"code", "match", "regex", "python"})
+        raise QProbeError(f"unknown reward kind {kind!r}; expected one of {', '.join(KINDS + tuple(names))}")
+    return name, arg
+
+
+def reward_identity(kind: str, *, timeout: float = 3.0) -> dict:
+    """Everything besides the row that decides a reward's score: the reward half of its cache key.
+
+    Every kind records itself (name and argument), ``timeout`` and `REWARDS_VERSION`. A kind
+    from a plugin also records the version of the distribution that registers it
+    (``"qprobe-toy==0.1.0"``), so upgrading the plugin retires its cached scores. A factory
+    may add its own part through an ``identity(arg, *, timeout)`` attribute: ``python:``
+    adds a hash of its module's source file, so editing the function retires them too.
+
+    Parameters
+    ----------
+    kind, timeout
+        As for :func:`get_reward_fn`.
+
+    Returns
+    -------
+    dict
+        JSON-able; equal dicts mean a cached score may be reused.
+    """
+    name, arg = _check_kind(kind)
+    identity = {"reward": kind, "timeout": timeout, "version": REWARDS_VERSION}
+    dist = distribution(REWARDS, name)
+    if dist is not None:
+        identity["plugin"] = dist
+    own = getattr(load(REWARDS, name), "identity", None)
+    if callable(own):
+        identity.update(own(arg, timeout=timeout))
+    return identity
 
 
 def get_reward_fn(kind: str, *, timeout: float = 3.0) -> RewardFn:
@@ -52,10 +92,7 @@ def get_reward_fn(kind: str, *, timeout: float = 3.0) -> RewardFn:
     QProbeError
         Unknown kind, or a ``python:`` module that cannot be imported.
     """
-    name, _, arg = kind.partition(":")
-    if name not in available(REWARDS):
-        names = sorted(set(available(REWARDS)) - {"code", "match", "regex", "python"})
-        raise QProbeError(f"unknown reward kind {kind!r}; expected one of {', '.join(KINDS + tuple(names))}")
+    name, arg = _check_kind(kind)
     fn = load(REWARDS, name)(arg, timeout=timeout)
     if not callable(fn):
         raise QProbeError(f"reward kind {name!r}: its factory returned {type(fn).__name__}, not a function")

@@ -19,6 +19,7 @@ It does not run untrusted code; see ``code.py`` for that.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.util
 import math
@@ -215,3 +216,47 @@ def make_python_reward(arg: str, *, timeout: float = 3.0) -> RewardFn:
     if not arg:
         raise QProbeError("reward kind 'python' should look like python:MODULE:FUNCTION")
     return load_python_reward(arg)
+
+
+def python_reward_source(spec: str) -> str:
+    """The source file of the module behind ``python:MODULE:FN`` (found, not imported).
+
+    A dotted module is looked up as :func:`load_python_reward` imports it (``sys.path``, then the
+    current directory); its parent packages are imported to find it.
+    """
+    module_name, sep, fn_name = spec.rpartition(":")
+    if not sep or not module_name or not fn_name:
+        raise QProbeError(f"reward kind 'python:{spec}' should look like python:MODULE:FUNCTION")
+    if module_name.endswith(".py"):
+        path = os.path.abspath(module_name)
+    else:
+        cwd = os.getcwd()
+        added = cwd not in sys.path
+        if added:
+            sys.path.append(cwd)
+        try:
+            found = importlib.util.find_spec(module_name)
+        except (ImportError, ValueError):
+            found = None
+        finally:
+            if added:
+                sys.path.remove(cwd)
+        path = found.origin if found is not None and found.has_location else ""
+    if not path or not os.path.isfile(path):
+        load_python_reward(spec)  # not importable: its own one-line error
+        raise QProbeError(f"cannot find the source file of {module_name!r} for reward kind 'python:{spec}'")
+    return path
+
+
+def _python_reward_identity(arg: str, *, timeout: float = 3.0) -> dict:
+    """The hash of the function's module source: an edited reward never reads its old cached scores.
+
+    Only that one file: an edit to a module it imports is not seen (clear the cache, or touch it).
+    """
+    if not arg:
+        raise QProbeError("reward kind 'python' should look like python:MODULE:FUNCTION")
+    with open(python_reward_source(arg), "rb") as f:
+        return {"source_sha256": hashlib.sha256(f.read()).hexdigest()}
+
+
+make_python_reward.identity = _python_reward_identity  # see score.reward_identity

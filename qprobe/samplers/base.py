@@ -93,6 +93,44 @@ class Sampler:
         """
         raise NotImplementedError
 
+    # ---------------------------------------------------------------- how it is built (qprobe.registry)
+    @classmethod
+    def kwargs_from_options(cls, *, model=None, api_base=None, api_model=None, api_key=None, device=None, dtype=None,
+                            batch_size=None, temperature=None, top_p=None, max_new_tokens=None, stop=None, capture=None,
+                            code_block=False, prefix_every=None, guide=None, **_) -> dict:
+        """Constructor arguments from the generic options of `registry.build` (None: not given).
+
+        This default, for a plugin: the model (``--model``, or ``--api-model`` with ``--api-base``),
+        the server and key, device, dtype, batch size and the sampling settings, those given; the
+        local model's own options (capture, code block, prefixes, guide) are refused. A built-in
+        overrides it to add its defaults and refuse what it cannot use.
+        """
+        cls.refuse_local_options(guide=guide, prefix_every=prefix_every)
+        if capture or code_block:
+            raise QProbeError("--capture and --code-block work with the hf sampler only")
+        return {k: v for k, v in dict(model=model or api_model, api_base=api_base, api_key=api_key if api_base else None,
+                                      device=device, dtype=dtype, batch_size=batch_size, temperature=temperature,
+                                      top_p=top_p, max_new_tokens=max_new_tokens, stop=stop).items() if v is not None}
+
+    @staticmethod
+    def refuse_local_options(*, guide=None, prefix_every=None) -> None:
+        """One line for options that need a local model's hidden states."""
+        if guide:
+            raise QProbeError("--guide needs a local model (--model): it branches rows and reads hidden states, "
+                              "which an API does not expose")
+        if prefix_every:
+            raise QProbeError("--prefix-every works with local models only")
+
+    @classmethod
+    def kwargs_from_identity(cls, identity: dict, **options) -> dict:
+        """Constructor arguments that rebuild the sampler whose `identity` this is (`registry.rebuild`).
+
+        This default: every identity entry and run-time option the constructor takes by name.
+        """
+        from qprobe.registry import takes
+
+        return takes(cls, {**{k: v for k, v in identity.items() if k != "kind"}, **options})
+
     # ---------------------------------------------------------------- shared machinery
     def cache_key(self, job: SampleJob) -> str:
         return make_key(self.identity(), [job.prompt, job.sample, job.seed])
@@ -139,12 +177,13 @@ class Sampler:
 
 
 def get_sampler(spec: dict) -> Sampler:
-    """Build a sampler from a CLI-style spec dict: kind (a registered sampler name) plus its options.
+    """Build a sampler from a spec dict: kind (a registered sampler name) plus its constructor's arguments.
 
     Names come from the ``qprobe.samplers`` entry-point group (see `qprobe.registry`);
-    options that are None are left out, so the backend's defaults apply.
+    options that are None are left out, so the backend's defaults apply. From the CLI's
+    generic options: `registry.build`.
     """
-    from qprobe.registry import SAMPLERS, build
+    from qprobe.registry import SAMPLERS, construct
 
     opts = {k: v for k, v in spec.items() if k != "kind" and v is not None}
-    return build(SAMPLERS, spec.get("kind", "hf"), opts)
+    return construct(SAMPLERS, spec.get("kind", "hf"), opts)

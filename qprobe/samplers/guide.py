@@ -71,21 +71,6 @@ class Guide:
     def __init__(self, probe, model: str, chunk=32, branch: int = 4, beta: float = 0.1):
         from qprobe.probe import QProbe
 
-        where = probe if isinstance(probe, str) else "the guide probe"
-        self.probe = QProbe.load(probe) if isinstance(probe, str) else probe
-        if not getattr(self.probe, "prefix_", False):
-            raise QProbeError(f"{where} is not a prefix probe: train it with `qprobe train --prefix` on prefix features")
-        emb = self.probe.embedder_ or {}
-        if emb.get("kind") != "hf" or "layer" not in emb or "pooling" not in emb:
-            raise QProbeError(f"{where} was not trained on local-model hidden states (extractor {emb or 'unknown'})")
-        if emb.get("model") != model:
-            raise QProbeError(f"{where} was trained on features of {emb.get('model')!r}, but the sampler's model "
-                              f"is {model!r}")
-        if emb["pooling"] not in ("last", "mean"):
-            raise QProbeError(f"{where} records pooling {emb['pooling']!r}; a guide reads 'last' or 'mean'")
-        if isinstance(emb["layer"], bool) or not isinstance(emb["layer"], int):
-            raise QProbeError(f"{where} records layer {emb['layer']!r}, not a whole number")
-        self.layer, self.pooling = int(emb["layer"]), emb["pooling"]
         self.chunk = parse_every(chunk, "--chunk")
         self.branch = int(branch)
         self.beta = float(beta)
@@ -93,6 +78,29 @@ class Guide:
             raise QProbeError(f"--branch {branch}: must be 1..{MAX_BRANCH}")
         if not self.beta >= 0:
             raise QProbeError(f"--beta {beta}: must be >= 0")
+        where = probe if isinstance(probe, str) else "the guide probe"
+        self.probe = QProbe.load(probe) if isinstance(probe, str) else probe
+        if not getattr(self.probe, "prefix_", False):
+            raise QProbeError(f"{where} is not a prefix probe: train it with `qprobe train --prefix` on prefix features")
+        emb = self.probe.embedder_ or {}
+        if emb.get("model") != model:
+            raise QProbeError(f"{where} was trained on features of {emb.get('model')!r}, but the sampler's model "
+                              f"is {model!r}")
+        if "pooling" in emb and emb["pooling"] not in ("last", "mean"):
+            raise QProbeError(f"{where} records pooling {emb['pooling']!r}; a guide reads 'last' or 'mean'")
+        if "layer" in emb and (isinstance(emb["layer"], bool) or not isinstance(emb["layer"], int)):
+            raise QProbeError(f"{where} records layer {emb['layer']!r}, not a whole number")
+        from qprobe.registry import EMBEDDERS, rebuild
+
+        try:
+            extractor = rebuild(EMBEDDERS, emb)
+        except QProbeError as e:
+            raise QProbeError(f"{where}: {e}") from None
+        # the sampling pass has the hidden states of every layer: an extractor that reads one of them
+        # (a layer and a pooling) is computed there; any other is not
+        if not hasattr(extractor, "layer") or not hasattr(extractor, "pooling"):
+            raise QProbeError(f"{where} was not trained on local-model hidden states (extractor {emb})")
+        self.layer, self.pooling = int(extractor.identity()["layer"]), extractor.pooling
 
     def identity(self) -> dict:
         p = self.probe

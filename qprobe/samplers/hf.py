@@ -143,6 +143,31 @@ class HFSampler(Sampler):
             raise QProbeError("--prefix-every keeps prefix features: give --capture LAYER:POOLING too")
         self.guide = Guide(guide, model, chunk, branch, beta) if guide is not None else None
 
+    @classmethod
+    def kwargs_from_options(cls, *, model=None, api_base=None, api_model=None, device=None, dtype=None,
+                            batch_size=None, temperature=None, top_p=None, max_new_tokens=None, stop=None, capture=None,
+                            code_block=False, prefix_every=None, guide=None, chunk=None, branch=None, beta=None,
+                            **_) -> dict:
+        """The generic options (`registry.build`): a local model, the default one when none is named;
+        ``capture`` as ``LAYER:POOLING`` strings; ``chunk``, ``branch`` and ``beta`` only with ``guide``."""
+        from qprobe.registry import uses_api
+
+        if uses_api(model, api_base, api_model):
+            raise QProbeError("--sampler hf needs --model (or nothing), not --api-base")
+        caps = []
+        for c in capture or ():
+            layer, _, pooling = c.partition(":") if isinstance(c, str) else (c[0], ":", c[1])
+            try:
+                caps.append((int(layer), pooling or "last"))
+            except ValueError:
+                raise QProbeError(f"--capture {c!r}: expected LAYER:POOLING, e.g. -1:last") from None
+        kw = dict(model=model or DEFAULT_MODEL, device=device, dtype=dtype, batch_size=batch_size, capture=caps,
+                  code_block=code_block, prefix_every=prefix_every, temperature=temperature, top_p=top_p,
+                  max_new_tokens=max_new_tokens, stop=stop)
+        if guide:
+            kw.update(guide=guide, chunk=chunk, branch=branch, beta=beta)
+        return {k: v for k, v in kw.items() if v is not None}
+
     def identity(self) -> dict:
         ident = {"kind": "hf", "model": self.model, "temperature": self.temperature, "top_p": self.top_p,
                  "max_new_tokens": self.max_new_tokens, "stop": self.stop, "code_block": self.code_block}

@@ -117,6 +117,24 @@ class OpenAISampler(Sampler):
         self.api = ApiClient(self.api_base, api_key, timeout=timeout, max_retries=max_retries, backoff=backoff,
                              env_key=env_key, **({} if max_bytes is None else {"max_bytes": max_bytes}))
 
+    @classmethod
+    def kwargs_from_options(cls, *, model=None, api_base=None, api_model=None, api_key=None, temperature=None,
+                            top_p=None, max_new_tokens=None, stop=None, capture=None, code_block=False,
+                            prefix_every=None, guide=None, timeout=None, max_retries=None, **_) -> dict:
+        """The generic options (`registry.build`): ``--api-base`` and ``--api-model`` name the server's model."""
+        from qprobe.registry import uses_api
+
+        cls.refuse_local_options(guide=guide, prefix_every=prefix_every)
+        if not uses_api(model, api_base, api_model):
+            raise QProbeError("--sampler api needs --api-base and --api-model")
+        if capture:
+            raise QProbeError("--capture works with local models only")
+        if code_block:
+            raise QProbeError("--code-block works with local models only; give the API a --stop string instead")
+        kw = dict(api_base=api_base, model=api_model, api_key=api_key, timeout=timeout, max_retries=max_retries,
+                  temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop=stop)
+        return {k: v for k, v in kw.items() if v is not None}
+
     @property
     def n_requests(self) -> int:
         """HTTP attempts made so far, retries included."""

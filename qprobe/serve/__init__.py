@@ -48,7 +48,9 @@ def build(probe_dir, model: str | None = None, api_base: str | None = None, api_
                                   max_bytes=max_upstream_bytes)
         name = served_model_name or api_model
     else:
-        model = model or "smollm2-135m"
+        from qprobe.hfmodel import DEFAULT_MODEL
+
+        model = model or DEFAULT_MODEL
         backend = LocalBackend(model, probe.embedder_, batch_size=batch_size, device=device, dtype=dtype,
                                api_key=key_for_extractor(probe.embedder_, extractor_key, None, None))
         if backend.capture:

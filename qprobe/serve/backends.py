@@ -41,6 +41,7 @@ import numpy as np
 from qprobe.apiclient import redact_url
 from qprobe.errors import QProbeError
 from qprobe.pool import Stopped
+from qprobe.hfmodel import DEFAULT_MODEL
 from qprobe.samplers.base import SampleJob
 
 from qprobe.serve.protocol import ServeError
@@ -71,23 +72,6 @@ class Draw:
 
     def settings(self) -> tuple:
         return self.temperature, self.top_p, self.max_tokens, tuple(self.stop)
-
-
-def extractor_spec(identity: dict, api_key: str | None = None) -> dict:
-    """`get_embedder` spec that rebuilds the extractor a probe records (its `embedder_`).
-
-    An ``api`` extractor's host was read from the probe file: it gets `api_key` and
-    nothing else (no ``$OPENAI_API_KEY``).
-    """
-    kind = identity.get("kind")
-    if kind == "hf":
-        return dict(kind="hf", model=identity["model"], layer=identity["layer"], pooling=identity["pooling"])
-    if kind == "api":
-        return dict(kind="api", api_base=identity["api_base"], model=identity["model"],
-                    pooling=identity.get("pooling", "mean"), api_key=api_key, max_retries=2, env_key=False)
-    if kind == "sentence":
-        return dict(kind="sentence", model=identity["model"], max_length=identity.get("max_length", 256))
-    raise QProbeError(f"the probe's feature extractor {identity!r} cannot be rebuilt here (kind {kind!r})")
 
 
 def extractor_host(identity: dict | None) -> str | None:
@@ -142,9 +126,12 @@ class _Embedding:
         if not identity:
             raise QProbeError("the probe records no feature extractor, so the server cannot embed completions; "
                               "retrain it with `qprobe train` on features made by `qprobe embed`")
-        from qprobe.embedders import get_embedder
+        from qprobe.registry import EMBEDDERS, rebuild
 
-        self.embedder = get_embedder(extractor_spec(identity, api_key))
+        try:
+            self.embedder = rebuild(EMBEDDERS, identity, api_key=api_key, max_retries=2, env_key=False)
+        except QProbeError as e:
+            raise QProbeError(f"the probe's feature extractor cannot be rebuilt here: {e}") from None
         self.host = extractor_host(identity)
         self.key_sent = self.host is not None and api_key is not None
         self._lock = threading.Lock()
@@ -181,7 +168,7 @@ class LocalBackend(Backend):
     Parameters
     ----------
     model : str
-        As for `HFSampler` (``smollm2-135m`` by default).
+        As for `HFSampler` (`DEFAULT_MODEL` by default).
     extractor : dict or None
         The probe's recorded extractor. ``hf`` on this model: captured during
         sampling. None: the last layer at the last token is captured (the
@@ -194,7 +181,7 @@ class LocalBackend(Backend):
         Key for an ``api`` extractor's host (the user gave it for that host).
     """
 
-    def __init__(self, model: str = "smollm2-135m", extractor: dict | None = None, batch_size: int = 32,
+    def __init__(self, model: str = DEFAULT_MODEL, extractor: dict | None = None, batch_size: int = 32,
                  max_batch_requests: int = 64, device: str | None = None, dtype: str | None = None,
                  api_key: str | None = None):
         self.model, self.batch_size, self.max_batch_requests = model, int(batch_size), int(max_batch_requests)
