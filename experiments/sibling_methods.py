@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 from qprobe.benchmark import SETS as DATASETS, is_greedy, load  # noqa: E402
 
-from qprobe import QProbe  # noqa: E402
+from qprobe import QProbe, fit_probe  # noqa: E402
 from qprobe.pipeline import group_ids  # noqa: E402
 from qprobe.select import selection_report  # noqa: E402
 
@@ -104,33 +104,20 @@ def diff_ci(a, b, n=2000, seed=0):
 
 
 def run_variant(obj, X, y, g, te, tr, seeds, transform="none", demos=None, grid=None):
-    """Tune on train (CV), fit, report test pass@1 per seed; returns runs and seed 0's per-prompt rewards."""
+    """Tune on train (CV), fit, report test pass@1 per seed; returns runs and seed 0's per-prompt rewards.
+
+    The recipe (transform, demonstrations, tuning, weights; pg: a prompt's demonstration joins its
+    chunk of k + 1) is the library's `fit_probe`, the one `qprobe train` runs.
+    """
     from qprobe.select import best_of_n_curve, bon_reward_at_kl
-    from qprobe.transforms import transform_rewards
-    from qprobe.tune import tune
 
     Xtr, ytr, gtr = X[tr], y[tr], g[tr]
-    k = K + 1 if (demos is not None and obj == "pg") else K  # pg: the demonstration joins its prompt's chunk
-    ref = np.ones(len(ytr), bool)
-    yd = gd = Xd = None
-    if demos is not None:
-        Xd, gd = demos
-        yd = np.ones(len(gd))
-        ref = np.r_[ref, np.zeros(len(gd), bool)]
-    fit_all = transform_rewards(transform, np.r_[ytr, [] if yd is None else yd],
-                                np.r_[gtr, [] if gd is None else gd], ref)
-    fy, fyd = fit_all[: len(ytr)], fit_all[len(ytr):]
     n_, bon, bon_kl = best_of_n_curve(y[te], g[te])
     runs = []
     for seed in range(seeds):
-        t = tune(Xtr, ytr, gtr, obj, random_state=seed, k=k, fit_y=fy, grid=grid,
-                 demos=None if demos is None else (Xd, fyd, gd))
-        Xf, yf, gf, sw = Xtr, fy, gtr, None
-        if t.demo_weight:
-            Xf, yf, gf = np.concatenate([Xtr, Xd]), np.r_[fy, fyd], np.r_[gtr, gd]
-            sw = np.r_[np.ones(len(ytr)), np.full(len(gd), t.demo_weight)]
-        q = QProbe(objective=obj, k=k, random_state=seed, **t.params).fit(Xf, yf, groups=gf,
-                                                                          sample_weight=sw).predict(X[te])
+        probe, t, _ = fit_probe(Xtr, ytr, gtr, demos=demos, transform=transform, tune_folds=5, grid=grid,
+                                random_state=seed, objective=obj, k=K)
+        q = probe.predict(X[te])
         rep = selection_report(q, y[te], g[te], t.beta)
         runs.append({"pass1": rep["probe_reward"], "kl": rep["kl"], "ess": rep["ess"], "beta": t.beta,
                      "params": t.params, "demo_weight": t.demo_weight, "cv_pass1": t.cv_reward,

@@ -4,6 +4,7 @@ This module only re-exports; it must stay cheap to import (no torch, no
 transformers), so heavy backends are imported lazily by the code that needs them.
 """
 from qprobe.errors import QProbeError
+from qprobe.fit import fit_probe
 from qprobe.loop import ridge_bonus, run_loop
 from qprobe.probe import QProbe
 from qprobe.select import (
@@ -23,6 +24,7 @@ __all__ = [
     "QProbeError",
     "best_of_n_curve",
     "calibrate",
+    "fit_probe",
     "kl_to_base",
     "ridge_bonus",
     "run_loop",

@@ -135,19 +135,34 @@ def _fit_logistic(X, y, mean, scale, alpha, max_iter, sample_weight=None):
 
 
 # ---------------------------------------------------------------------- torch training
-def _epoch_segments(obj, gi, n_rows, k, rs):
+def _epoch_segments(obj, gi, n_rows, k, rs, demo_mask=None):
     """One epoch's training segments, shuffled.
 
     Returns (rows, sizes): row indices laid out segment after segment, and the
     size of each segment. ``pg``: chunks of k rows of one prompt (rows shuffled
     within the prompt first; 1-row tail chunks dropped); ``pref``: the pairs;
     otherwise every row is its own segment.
+
+    ``demo_mask`` (pg): rows that are demonstrations rather than samples. They
+    join their prompt's chunk on top of its k samples: a prompt with m
+    demonstrations is cut into chunks of k + m (k + 1 for the usual one), and its
+    demonstrations come first, so they always sit in its first chunk, with
+    samples beside them, and are never dropped as a 1-row tail. Without one
+    (or with no demonstration in it) the segments are those of plain pg, drawn
+    from the same random numbers.
     """
     if obj == "pg":
-        order = np.lexsort((rs.random_sample(n_rows), gi.codes))  # grouped, random within a group
+        key = rs.random_sample(n_rows)
+        size = np.full(gi.sizes.size, int(k))  # chunk size per group
+        if demo_mask is None or not np.any(demo_mask):
+            order = np.lexsort((key, gi.codes))  # grouped, random within a group
+        else:
+            demo_mask = np.asarray(demo_mask, dtype=bool)
+            order = np.lexsort((key, ~demo_mask, gi.codes))  # grouped, demonstrations first, then random
+            size += np.bincount(gi.codes[demo_mask], minlength=gi.sizes.size)
         g = gi.codes[order]
-        n_chunks = -(-gi.sizes // k)
-        chunk = np.repeat(np.cumsum(n_chunks) - n_chunks, gi.sizes) + (np.arange(n_rows) - gi.starts[g]) // k
+        n_chunks = -(-gi.sizes // size)
+        chunk = np.repeat(np.cumsum(n_chunks) - n_chunks, gi.sizes) + (np.arange(n_rows) - gi.starts[g]) // size[g]
         keep = np.bincount(chunk)[chunk] >= 2
         order, seg = order[keep], chunk[keep]
     elif obj == "pref":
@@ -163,10 +178,11 @@ def _epoch_segments(obj, gi, n_rows, k, rs):
     return rows, sizes[sizes > 0]
 
 
-def _fit_torch(probe, X, y, gi, rs, sample_weight=None):
+def _fit_torch(probe, X, y, gi, rs, sample_weight=None, demo_mask=None):
     """AdamW on the objective's loss for a linear or MLP head; returns (params, loss_curve).
 
     ``sample_weight``: pg multiplies each row's reward inside its chunk; mse / ce take a weighted mean.
+    ``demo_mask``: pg's demonstration rows (see ``_epoch_segments``); other objectives ignore it.
     """
     import torch
 
@@ -204,7 +220,9 @@ def _fit_torch(probe, X, y, gi, rs, sample_weight=None):
         ],
         lr=float(probe.lr),
     )
-    seg_rows = {"pg": int(probe.k), "pref": 2}.get(obj, 1)
+    seg_rows = {"pg": int(probe.k), "pref": 2}.get(obj, 1)  # rows per segment, to turn batch_size into segments
+    if obj == "pg" and demo_mask is not None and np.any(demo_mask):
+        seg_rows += 1  # a prompt's demonstration joins its chunk (see _epoch_segments)
     y_all = torch.as_tensor(y, dtype=dt).to(dev)
     w_all = None if sample_weight is None else torch.as_tensor(sw_np, dtype=dt).to(dev)
     X_dev = None  # X on the accelerator when it fits comfortably: batches are then gathered there
@@ -214,7 +232,7 @@ def _fit_torch(probe, X, y, gi, rs, sample_weight=None):
             X_dev = torch.as_tensor(X).to(dev, dt)
     curve, epoch, n_epochs = [], 0, probe.epochs
     while n_epochs is None or epoch < n_epochs:
-        rows, sizes = _epoch_segments(obj, gi, n, int(probe.k), rs)
+        rows, sizes = _epoch_segments(obj, gi, n, int(probe.k), rs, demo_mask)
         per = sizes.size if probe.batch_size is None else max(1, int(probe.batch_size) // seg_rows)
         if n_epochs is None:
             n_epochs = max(1, -(-_AUTO_STEPS // -(-sizes.size // per)))

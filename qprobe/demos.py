@@ -7,17 +7,53 @@ as a row of its prompt with a reward (default 1) and a weight; for ``pg`` it joi
 prompt's group, so the chunk softmax compares it with the model's own samples.
 
 This module finds the demonstrations (a field of the rows, or a JSONL file of
-``prompt_id, completion``) and rebuilds the features' extractor from its recorded identity.
-Embedding goes through the extractor's cached ``embed``; fitting is the probe's job.
+``prompt_id, completion``), rebuilds the features' extractor from its recorded identity, and
+joins demonstration rows to training arrays (``join_demos``, used by every fit: the final one
+in :func:`qprobe.fit.fit_probe` and each fold's in :func:`qprobe.tune.tune`). Embedding goes
+through the extractor's cached ``embed``; the training recipe is :mod:`qprobe.fit`'s job.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
+
 from qprobe.errors import QProbeError
 
 DEMO_REWARD = 1.0
+
+
+def join_demos(X, y, groups, X_demo, y_demo, groups_demo, weight):
+    """Training arrays with the demonstration rows appended after the samples.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_rows, n_features)
+    y, groups : ndarray of shape (n_rows,)
+        Targets and prompt labels of the sampled rows.
+    X_demo : ndarray of shape (n_demos, n_features)
+    y_demo, groups_demo : ndarray of shape (n_demos,)
+        Targets of the demonstrations and the prompt each belongs to (labels shared with ``groups``).
+    weight : float or None
+        Loss weight of each demonstration; 0 or None leaves them out.
+
+    Returns
+    -------
+    X, y, groups : the joined arrays (the inputs themselves when the demonstrations are left out)
+    sample_weight : ndarray of shape (n_rows + n_demos,) or None
+        1 for each sample, ``weight`` for each demonstration; None when they are left out.
+    demo_mask : ndarray of bool, shape (n_rows + n_demos,) or None
+        True on the demonstrations, for :meth:`QProbe.fit`: with ``pg`` a prompt's
+        demonstration joins its chunk, which gets k + 1 rows, and is never dropped.
+    """
+    if not weight:
+        return X, y, groups, None, None
+    n, nd = len(y), len(y_demo)
+    X = np.concatenate([X, np.asarray(X_demo).astype(X.dtype, copy=False)])
+    y, groups = np.concatenate([y, y_demo]), np.concatenate([groups, groups_demo])
+    sw = np.concatenate([np.ones(n), np.full(nd, float(weight))])
+    return X, y, groups, sw, np.arange(n + nd) >= n
 
 
 def demo_items(rows: list[dict], source: str, template: str = "{demo}", path="rows") -> list[tuple]:

@@ -219,10 +219,13 @@ def train_file(rows_path, features_path, out_dir, where=None, tune_folds=None, f
     ``signals``: row fields appended to the features as probe inputs, ``cascade``: the one the probe
     filters by (:mod:`qprobe.signals`); both are recorded in the probe file.
 
+    The recipe (targets, demonstrations, tuning, weights) is :func:`qprobe.fit.fit_probe`; this
+    function reads, embeds the demonstrations, calls it and saves.
+
     Returns (probe, number of rows, TuneResult or None, info dict: ``n_demos``, ``demo_weight``).
     """
-    from qprobe.probe import QProbe
-    from qprobe.transforms import parse_transform, transform_rewards
+    from qprobe.fit import fit_probe
+    from qprobe.transforms import parse_transform
 
     check_outputs([out_dir], [rows_path, features_path])
     from qprobe.signals import check_names, with_signals
@@ -237,47 +240,25 @@ def train_file(rows_path, features_path, out_dir, where=None, tune_folds=None, f
     X = with_signals(X, rows, signals, rows_path)
     if signals:
         probe_params = {**probe_params, "signals": signals, "cascade": cascade}
-    parse_transform(reward_transform)
+    parse_transform(reward_transform)  # flag errors before any demonstration is embedded
     objective = probe_params.get("objective", "pg")
     if objective == "pref" and (demos or reward_transform != "none"):
         raise QProbeError("--demos and --reward-transform work with objectives mse, ce and pg, not pref")
     y = np.array([r["reward"] for r in rows])
     groups = group_ids(rows)
-    info = {"n_demos": 0, "demo_weight": None}
-    Xd = gd = None
+    demo_arrays = None
     if demos:
-        from qprobe.demos import DEMO_REWARD, demo_items, embedder_from_identity
+        from qprobe.demos import demo_items, embedder_from_identity
 
         items = demo_items(rows, demos, demo_template, rows_path)
         label = {json.dumps(r["prompt_id"]): g for r, g in zip(rows, groups)}  # prompt -> group label
         gd = np.array([label[json.dumps(pid)] for pid, _, _ in items])
         emb = embedder_from_identity(meta.get("extractor"), demos_api_key)
         Xd = emb.embed([(p, c) for _, p, c in items], cache=cache, desc="demonstrations").astype(X.dtype)
-        info["n_demos"] = len(items)
-    ref = np.r_[np.ones(len(y), bool), np.zeros(0 if gd is None else len(gd), bool)]
-    y_all = np.r_[y, np.full(len(ref) - len(y), DEMO_REWARD if demos else 0.0)]
-    g_all = groups if gd is None else np.r_[groups, gd]
-    fit_all = transform_rewards(reward_transform, y_all, g_all, ref)
-    fy, fyd = fit_all[: len(y)], fit_all[len(y):]
-    tuned = None
-    w = demo_weight
-    if tune_folds:
-        from qprobe.tune import DEMO_WEIGHTS, tune
-
-        fixed = {k: v for k, v in probe_params.items() if k not in ("objective", "beta", "random_state")}
-        tuned = tune(X, y, groups, objective, folds=tune_folds, random_state=probe_params.get("random_state") or 0,
-                     progress=True, fit_y=fy, demos=None if gd is None else (Xd, fyd, gd),
-                     demo_weights=DEMO_WEIGHTS if w is None else (w,), **fixed)
-        probe_params = {**probe_params, **tuned.params, "beta": tuned.beta}
-        w = tuned.demo_weight
-    elif gd is not None and w is None:
-        w = 1.0
-    sw = None
-    if gd is not None and w:
-        X, fy, groups = np.concatenate([X, Xd]), np.r_[fy, fyd], np.r_[groups, gd]
-        sw = np.r_[np.ones(len(y)), np.full(len(gd), float(w))]
-    info["demo_weight"] = w
-    probe = QProbe(**probe_params).fit(X, fy, groups=groups, sample_weight=sw)
+        demo_arrays = (Xd, gd)
+    random_state = probe_params.pop("random_state", None)
+    probe, tuned, info = fit_probe(X, y, groups, demos=demo_arrays, demo_weight=demo_weight, transform=reward_transform,
+                                   tune_folds=tune_folds, random_state=random_state, progress=True, **probe_params)
     probe.save(out_dir, embedder=meta.get("extractor"), prefix=prefix)
     return probe, len(rows), tuned, info
 

@@ -64,7 +64,9 @@ class QProbe(BaseEstimator):
     k : int, default 10
         ``pg`` only: chunk size. Each epoch a prompt's rows are shuffled and cut
         into chunks of ``k``; a last chunk of 2..k-1 rows is kept, a last chunk
-        of one row (which carries no gradient) is dropped.
+        of one row (which carries no gradient) is dropped. A prompt's
+        demonstrations (``fit(..., demo_mask=)``) join its first chunk on top of
+        its ``k`` samples (k + 1 for one), so they are never dropped.
     beta_train : float, default 1.0
         ``pg`` only: softmax temperature inside a chunk during training.
     hidden : int or None, default None
@@ -179,7 +181,7 @@ class QProbe(BaseEstimator):
         return tags
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X, y, groups=None, sample_weight=None):
+    def fit(self, X, y, groups=None, sample_weight=None, demo_mask=None):
         """Fit the probe.
 
         Parameters
@@ -197,6 +199,12 @@ class QProbe(BaseEstimator):
             squared error / log loss; ``pg`` multiplies the row's reward inside its
             chunk (the softmax is unchanged); torch ``mse`` / ``ce`` take a weighted
             mean. Not supported for ``pref``. Default: all 1.
+        demo_mask : array-like of bool, shape (n_rows,), optional
+            Rows that are demonstrations rather than the model's samples (see
+            :func:`qprobe.fit.fit_probe`). ``pg`` puts them first in their prompt's
+            first chunk, which grows by one row per demonstration (``k + 1`` for a
+            prompt with one), so a demonstration always meets its prompt's samples
+            and is never dropped as a one-row tail chunk. Other objectives ignore it.
 
         Returns
         -------
@@ -205,8 +213,9 @@ class QProbe(BaseEstimator):
         self._check_params()
         X, y = self._validate(X, y, reset=True)
         y = y.astype(np.float64, copy=False)
+        dm = self._check_demo_mask(demo_mask, y.shape[0])
         if self.cascade is not None:
-            X, y, groups, sample_weight = self._cascade_rows(X, y, groups, sample_weight)
+            X, y, groups, sample_weight, dm = self._cascade_rows(X, y, groups, sample_weight, dm)
         gi = self._check_groups(groups, y)
         sw = self._check_weight(sample_weight, y.shape[0])
         rs = check_random_state(self.random_state)
@@ -221,7 +230,7 @@ class QProbe(BaseEstimator):
         elif self.hidden is None and self.objective == "ce":
             w, b, self.n_iter_ = _fit_logistic(X, y, self.mean_, self.scale_, float(self.alpha), int(self.max_iter), sw)
         else:
-            params, self.loss_curve_ = _fit_torch(self, X, y, gi, rs, sw)
+            params, self.loss_curve_ = _fit_torch(self, X, y, gi, rs, sw, dm)
             self.n_iter_ = len(self.loss_curve_)
             if self.hidden is None:
                 w, b = params["w"], float(params["b"])
@@ -235,7 +244,7 @@ class QProbe(BaseEstimator):
         self.intercept_ = float(b - self.mean_ @ self.coef_)
         return self
 
-    def _cascade_rows(self, X, y, groups, sample_weight):
+    def _cascade_rows(self, X, y, groups, sample_weight, demo_mask=None):
         """The rows a cascade keeps (see ``cascade``); pg: groups left with one row are dropped."""
         if groups is None:
             raise QProbeError(f"cascade={self.cascade!r} needs groups= (the prompt id of each row)")
@@ -249,7 +258,8 @@ class QProbe(BaseEstimator):
         if keep.sum() < 2:
             raise QProbeError(f"cascade={self.cascade!r} leaves {int(keep.sum())} training rows; need at least 2")
         sw = None if sample_weight is None else np.asarray(sample_weight)[keep]
-        return X[keep], y[keep], groups[keep], sw
+        dm = None if demo_mask is None else demo_mask[keep]
+        return X[keep], y[keep], groups[keep], sw, dm
 
     def candidates(self, X, groups):
         """Rows a cascade lets the probe choose (all rows without one).
@@ -299,6 +309,16 @@ class QProbe(BaseEstimator):
                 good = False
             if not good:
                 raise QProbeError(f"invalid {name}={value!r} for objective {self.objective!r}")
+
+    @staticmethod
+    def _check_demo_mask(demo_mask, n_rows):
+        if demo_mask is None:
+            return None
+        dm = np.asarray(demo_mask).reshape(-1)
+        if dm.shape[0] != n_rows or not (dm.dtype == bool or np.isin(dm, (0, 1)).all()):
+            raise QProbeError(f"demo_mask must be {n_rows} booleans (one per row of X), got {dm.shape[0]} values "
+                              f"of type {dm.dtype}")
+        return dm.astype(bool)
 
     def _check_weight(self, sample_weight, n_rows):
         if sample_weight is None:

@@ -105,13 +105,15 @@ def tune(X, y, groups, objective="pg", grid=None, betas=BETAS, folds=5, random_s
         loss, but beta is still chosen on held-out expected *reward* ``y``.
     demos : tuple (X_demo, y_demo, groups_demo), optional
         Demonstration rows (targets already transformed). A fold trains on the demonstrations of
-        its training prompts only and never scores them. The weight is a grid dimension.
+        its training prompts only (joined by :func:`qprobe.demos.join_demos`, so with ``pg`` a
+        prompt's demonstration joins its chunk) and never scores them. The weight is a grid dimension.
     demo_weights : sequence of float
         Weights to try for the demonstrations (0 leaves them out), crossed with ``grid``; the
         weight and penalty are chosen together on the held-out loss of the sampled rows.
     **probe_params
         Fixed QProbe parameters (``k``, ``hidden``, ``lr``, ...).
     """
+    from qprobe.demos import join_demos
     from qprobe.probe import QProbe
     from qprobe.select import selection_report
 
@@ -152,13 +154,11 @@ def tune(X, y, groups, objective="pg", grid=None, betas=BETAS, folds=5, random_s
         held = np.isin(groups, prompts[f::folds])
         params, w = grid[i]
         probe = QProbe(objective=objective, random_state=random_state, **{**probe_params, **params})
-        Xf, yf, gf, sw = X[~held], fy[~held], groups[~held], None
+        Xf, yf, gf, sw, dm = X[~held], fy[~held], groups[~held], None, None
         if w:  # demonstrations of the training prompts, with their weight
             use = ~np.isin(gd, prompts[f::folds])
-            Xf = np.concatenate([Xf, Xd[use].astype(X.dtype)])
-            yf, gf = np.concatenate([yf, yd[use]]), np.concatenate([gf, gd[use]])
-            sw = np.concatenate([np.ones((~held).sum()), np.full(use.sum(), w)])
-        oof[i, held] = probe.fit(Xf, yf, groups=gf, sample_weight=sw).predict(X[held])
+            Xf, yf, gf, sw, dm = join_demos(Xf, yf, gf, Xd[use], yd[use], gd[use], w)
+        oof[i, held] = probe.fit(Xf, yf, groups=gf, sample_weight=sw, demo_mask=dm).predict(X[held])
     # a cascade probe is judged on the rows it will choose among (all rows when it has none)
     cand = QProbe(objective=objective, **probe_params).candidates(X, groups)
     losses = [own_loss(objective, q[cand], fy[cand], groups[cand]) for q in oof]
