@@ -335,10 +335,8 @@ def replay(folder: str | Path, feature: str, objectives=("mse", "ce", "pg"), fol
     sandbox again and ``rechecked_<policy>`` is the pass rate measured now.
     """
     from qprobe.pipeline import group_ids
-    from qprobe.probe import QProbe
     from qprobe.select import selection_report
     from qprobe.signals import cascade_mask, signal_columns
-    from qprobe.tune import tune
 
     rows, X = load_set(folder, feature)
     split = np.array([r.get("split") for r in rows])
@@ -350,12 +348,11 @@ def replay(folder: str | Path, feature: str, objectives=("mse", "ce", "pg"), fol
     echo(f"  {int(tr.sum())} training rows ({len(np.unique(g[tr]))} prompts), "
          f"{len(np.unique(g[te]))} test prompts x {k}; feature {feature}")
     # objective, penalty and beta by cross-validation over training prompts only (never on test)
-    tuned = {obj: tune(X[tr], y[tr], g[tr], obj, folds=folds, random_state=seed, k=k) for obj in objectives}
-    best = max(tuned, key=lambda o: tuned[o].cv_reward)
-    t = tuned[best]
-    echo(f"  cross-validation chose {best} ({t.params}, beta {t.beta}); CV pass@1 "
-         + ", ".join(f"{o} {tuned[o].cv_reward:.3f}" for o in objectives))
-    q = QProbe(best, beta=t.beta, k=k, random_state=seed, **t.params).fit(X[tr], y[tr], groups=g[tr]).predict(X[te])
+    t = choose_probe({feature: (X[tr], {})}, y[tr], g[tr], objectives, folds, seed, k=k)
+    echo(f"  cross-validation chose {t.objective} ({ {p: v for p, v in t.params.items() if p != 'k'} }, "
+         f"beta {t.beta}); CV pass@1 " + ", ".join(f"{o.split('/')[1]} {v:.3f}" for o, v in t.cv.items()))
+    best = t.objective
+    q = fit_choice(t, X[tr], y[tr], g[tr], seed).predict(X[te])
     rep = selection_report(q, y[te], g[te], t.beta)
     out = {"objective": best, "beta": t.beta, "n_test_prompts": int(len(np.unique(g[te]))),
            "base_pass1": rep["base_reward"], "probe_pass1": rep["probe_reward"], "kl": rep["kl"],
