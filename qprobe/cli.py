@@ -622,8 +622,11 @@ def serve(probe_dir, model, api_base, api_model, api_key, extractor_api_key, api
     """Serve an OpenAI-compatible API that answers with the probe's choice among k samples.
 
     A request may carry tests (extra_body={"tests": [...]}: asserts, or a string of code); they run
-    in the sandbox against each candidate, and candidates that pass are preferred. See docs/safety.md
-    for what the server promises and what it does not.
+    in the sandbox against each candidate, and candidates that pass are preferred. A probe trained
+    with --signal reads them per candidate: shown from the request's tests (a request without
+    tests is then a 400), logprob_sum/logprob_mean/n_tokens from the candidates' token log-probs;
+    its --cascade picks the candidates it chooses among. See docs/serve.md, and docs/safety.md for
+    what the server promises and what it does not.
     """
     import os
 
@@ -648,8 +651,11 @@ def serve(probe_dir, model, api_base, api_model, api_key, extractor_api_key, api
         sent = "a key" if backend.extractor_key_sent else "no key"
         click.echo(f"the probe's feature extractor sends every prompt and completion to {backend.extractor_host} "
                    f"({sent}; the host is recorded in {probe_dir}/config.json)", err=True)
+    probe = app.state.probe
+    uses = (f", signals {','.join(probe.signals)}" if probe.signals else "") + (
+        f", cascade {probe.cascade}" if probe.cascade else "")
     click.echo(f"serving {app.state.config.model_id} on http://{host}:{port}/v1 (k {app.state.config.k}, "
-               f"beta {app.state.config.beta:g}, auth {'on' if token else 'off'})", err=True)
+               f"beta {app.state.config.beta:g}{uses}, auth {'on' if token else 'off'})", err=True)
     uvicorn.Server(uvicorn_config(app, host, port, max_connections=max_connections)).run()
 
 

@@ -39,13 +39,15 @@ def build(probe_dir, model: str | None = None, api_base: str | None = None, api_
     from qprobe.probe import QProbe
     from qprobe.serve.app import ServeConfig, create_app
     from qprobe.serve.backends import LocalBackend, UpstreamBackend, key_for_extractor
+    from qprobe.serve.inputs import check_probe, needs_logprobs
 
     probe = QProbe.load(probe_dir)
+    check_probe(probe)  # a signal serve cannot give: refused before any model loads
     max_queue = int(limits.get("max_queue", ServeConfig.max_queue))
     if api_base:
         backend = UpstreamBackend(api_base, api_model, probe.embedder_, api_key=api_key, timeout=request_timeout,
                                   max_retries=max_retries, workers=max_queue, extractor_key=extractor_key,
-                                  max_bytes=max_upstream_bytes)
+                                  max_bytes=max_upstream_bytes, logprobs=needs_logprobs(probe))
         name = served_model_name or api_model
     else:
         from qprobe.hfmodel import DEFAULT_MODEL
@@ -55,8 +57,9 @@ def build(probe_dir, model: str | None = None, api_base: str | None = None, api_
                                api_key=key_for_extractor(probe.embedder_, extractor_key, None, None))
         if backend.capture:
             h = backend.hidden_size()
-            if h != probe.n_features_in_:
-                raise QProbeError(f"probe {probe_dir} expects {probe.n_features_in_} features but {model}'s hidden "
+            n_features = probe.n_features_in_ - len(probe.signals or ())  # the signal columns come last
+            if h != n_features:
+                raise QProbeError(f"probe {probe_dir} expects {n_features} features but {model}'s hidden "
                                   f"states have {h}")
         name = served_model_name or model
     config = ServeConfig(model_id=name, k=k, beta=float(probe.beta if beta is None else beta),

@@ -10,7 +10,8 @@
 - `UpstreamBackend`: an OpenAI-compatible server through `OpenAISampler`
   (asks for ``n = k`` and tops up servers that ignore ``n``), with the
   request's unused parameters passed through; features come from the probe's
-  own extractor.
+  own extractor. It asks for the tokens' log-probs only when told to (the
+  probe's signals need them).
 
 A request cancelled while waiting leaves the queue; one cancelled while its
 batch decodes stops that batch once every request in it is gone (the local
@@ -55,6 +56,7 @@ class Candidate:
     finish_reason: str
     features: np.ndarray | None = None  # (n_features,), float32
     n_tokens: int | None = None
+    token_logprobs: list[float] | None = None  # log p of each kept token, where the backend has them
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Backend:
     """A source of candidates. Subclasses set `features` and implement `draw`."""
 
     features = "extractor"  # where the probe's features come from: "sampling pass" or "extractor"
+    token_logprobs = False  # whether candidates carry their token log-probs (the probe's log-prob signals)
     extractor_host: str | None = None  # where an api extractor sends the candidates (said at start-up)
     extractor_key_sent = False  # whether that host gets a key
 
@@ -165,6 +168,8 @@ class _Work:
 class LocalBackend(Backend):
     """k candidates per request from a local model, concurrent requests decoded in one batch.
 
+    Candidates keep the sampler's ``token_logprobs`` and ``n_tokens`` (the probe's log-prob signals).
+
     Parameters
     ----------
     model : str
@@ -180,6 +185,8 @@ class LocalBackend(Backend):
     api_key : str, optional
         Key for an ``api`` extractor's host (the user gave it for that host).
     """
+
+    token_logprobs = True
 
     def __init__(self, model: str = DEFAULT_MODEL, extractor: dict | None = None, batch_size: int = 32,
                  max_batch_requests: int = 64, device: str | None = None, dtype: str | None = None,
@@ -295,7 +302,7 @@ class LocalBackend(Backend):
                     w, i = owner[j]
                     w.results[i] = Candidate(res.completion, res.finish_reason or "stop",
                                              res.features[0].vector if res.features else None,
-                                             res.fields.get("n_tokens"))
+                                             res.fields.get("n_tokens"), res.fields.get("token_logprobs"))
                     w.left -= 1
                     if w.left == 0:
                         w.settle(w.results)
@@ -362,13 +369,16 @@ class UpstreamBackend(Backend):
         thread pool upstream calls run on.
     max_bytes : int
         Largest upstream answer read.
+    logprobs : bool
+        Ask the upstream for the sampled tokens' log-probs (only when the probe's signals
+        need them); candidates then carry them where the upstream returns them.
     """
 
     features = "extractor"
 
     def __init__(self, api_base: str, api_model: str, extractor: dict | None, api_key: str | None = None,
                  timeout: float = 60.0, max_retries: int = 2, concurrency: int = 4, workers: int = 64,
-                 extractor_key: str | None = None, max_bytes: int = 32 << 20):
+                 extractor_key: str | None = None, max_bytes: int = 32 << 20, logprobs: bool = False):
         from qprobe.samplers.openai_api import OpenAISampler
 
         class _Passthrough(OpenAISampler):
@@ -381,7 +391,8 @@ class UpstreamBackend(Backend):
         self.api_base = api_base.rstrip("/")
         self._base = _Passthrough(self.api_base, api_model, api_key=api_key, timeout=timeout,
                                   max_retries=max_retries, concurrency=concurrency, backoff=0.25,
-                                  max_bytes=max_bytes)
+                                  max_bytes=max_bytes, logprobs=logprobs)
+        self.token_logprobs = bool(logprobs)
         self._embedding = _Embedding(extractor, key_for_extractor(extractor, extractor_key, self.api_base, api_key))
         self.extractor_host, self.extractor_key_sent = self._embedding.host, self._embedding.key_sent
         self.workers = int(workers)
@@ -422,7 +433,8 @@ class UpstreamBackend(Backend):
         try:
             for item in s.sample_stream(jobs):
                 for j, res in item if isinstance(item, list) else [item]:
-                    out[j] = Candidate(res.completion, res.finish_reason or "stop")
+                    out[j] = Candidate(res.completion, res.finish_reason or "stop", None, res.fields.get("n_tokens"),
+                                       res.fields.get("token_logprobs"))
                 if gone.is_set():
                     raise ServeError(499, "request cancelled")
         except QProbeError as e:

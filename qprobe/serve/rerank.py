@@ -6,10 +6,11 @@ choice is distributed exactly as `select_indices` draws it, and small betas
 keep the order of Q). At beta 0 the choices are the n highest Q, ties to the
 lowest index.
 
-`choose_preferring` adds the one rule `serve` applies when a request carries
-tests: candidates that pass them are preferred, and the probe chooses among
-those; where none passes, all stay candidates (a cascade on one signal). No
-HTTP, no model here.
+`choose_preferring` adds the cascade: the probe chooses among the candidates
+at the maximum of a signal (those that pass the request's tests, or the mask
+`qprobe.serve.inputs.choice_mask` made with the probe's own cascade); where
+none passes, all stay candidates. That rule is `qprobe.signals.cascade_mask`,
+the one `QProbe.select` and `qprobe rerank` use. No HTTP, no model here.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from qprobe.select import kl_to_base, softmax_weights, top_n_draw
+from qprobe.signals import cascade_mask
 
 
 class Choice(NamedTuple):
@@ -62,18 +64,23 @@ def choose_preferring(q, n: int, beta: float, rng: np.random.Generator, prefer=N
     ----------
     q, n, beta, rng
         As for `choose`.
-    prefer : array-like of bool, shape (k,), optional
-        Candidates to choose among (those that passed the request's tests). None,
-        or none preferred: all candidates. Fewer preferred than n: all of them, in
-        probe order, then the rest by the probe.
+    prefer : array-like of shape (k,), optional
+        A cascade's values (bool or numbers, e.g. 1 = passed the request's tests):
+        the candidates at their maximum are chosen among (`qprobe.signals.cascade_mask`;
+        all of them when none is preferred). None: all candidates. Fewer preferred
+        than n: all of them, in probe order, then the rest by the probe.
     """
     q = np.asarray(q, dtype=np.float64)
     k = q.shape[0]
     if not 1 <= n <= k:
         raise ValueError(f"n must be in 1..{k}, got {n}")
-    mask = np.ones(k, dtype=bool) if prefer is None else np.asarray(prefer, dtype=bool)
-    if not mask.any():
+    if prefer is None:
         mask = np.ones(k, dtype=bool)
+    else:
+        prefer = np.asarray(prefer, dtype=np.float64).reshape(-1)
+        if prefer.shape[0] != k:
+            raise ValueError(f"prefer has {prefer.shape[0]} values but there are {k} candidates")
+        mask = cascade_mask(prefer, np.zeros(k, dtype=np.int64))
     first, rest = np.flatnonzero(mask), np.flatnonzero(~mask)
     w = np.zeros(k)
     w[first] = softmax_weights(q[first], np.zeros(first.size, dtype=np.int64), beta)

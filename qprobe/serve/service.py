@@ -5,8 +5,11 @@ backend's `Draw`, the caller's tests) or raises `ServeError` with the status a
 client should see; it is pure and synchronous. `complete(plan)` admits the
 request (503 past `max_queue` in flight), draws k candidates from the backend,
 runs the request's tests against each (in the sandbox), scores them with the
-probe and picks n (`choose_preferring`), all within the request's deadline
-(504 past it). The app (`app.py`) reads bodies, routes, streams and answers
+probe (its features, and its signals where it was trained with some: see
+`inputs.py`) and picks n among the candidates that pass the tests and the
+probe's cascade (`choose_preferring`), all within the request's deadline (504
+past it). A probe whose signals serve cannot give is refused when the Service
+is made. The app (`app.py`) reads bodies, routes, streams and answers
 errors; it cancels `complete` when the client goes away, which frees the
 request's place and its backend work.
 
@@ -27,6 +30,7 @@ import numpy as np
 from qprobe.errors import QProbeError
 from qprobe.samplers.base import row_seed
 from qprobe.serve import protocol as P
+from qprobe.serve import inputs
 from qprobe.serve.backends import Backend, Candidate, Draw
 from qprobe.serve.rerank import Choice, choose_preferring
 from qprobe.serve.tests import check_tests, run_tests
@@ -100,11 +104,17 @@ class Service:
     ----------
     backend : Backend
     probe : QProbe
-        Fitted; scores the candidates' features.
+        Fitted; scores the candidates' features (and the signals it records).
     config : ServeConfig
+
+    Raises
+    ------
+    QProbeError
+        The probe records a signal this server cannot give it (see `inputs.check_probe`).
     """
 
     def __init__(self, backend: Backend, probe, config: ServeConfig):
+        inputs.check_probe(probe, backend)
         self.backend, self.probe, self.config = backend, probe, config
         self.inflight = 0  # requests admitted and not finished; only touched on the event loop
 
@@ -145,6 +155,7 @@ class Service:
             raise P.ServeError(413, f"the prompt has {size} characters; this server takes at most "
                                     f"{config.max_prompt_chars}", code="prompt_too_large")
         tests = check_tests(req.tests, config.max_tests, config.max_test_chars)
+        inputs.check_request(self.probe, tests)
         # one seed per candidate: a request's seed makes its candidates (and its choice) repeatable
         seeds = ([row_seed(req.seed, "serve", i) for i in range(k)] if req.seed is not None
                  else [secrets.randbits(32) for _ in range(k)])
@@ -186,14 +197,17 @@ class Service:
         if plan.tests is not None:
             outcomes = await run_tests([c.text for c in cands], plan.tests, self.config.test_timeout,
                                        self.config.test_workers)
-        q = self._score(cands)
+        X = inputs.probe_inputs(self.probe, np.stack([c.features for c in cands]).astype(np.float32), cands,
+                                outcomes)
+        q = self._score(X)
+        mask = None
+        if outcomes is not None or self.probe.cascade is not None:
+            mask = inputs.choice_mask(self.probe, X, outcomes)
         rng = np.random.default_rng(None if plan.seed is None else row_seed(plan.seed, "choose", 0))
-        prefer = None if outcomes is None else np.array([o["passed"] for o in outcomes])
-        pick = choose_preferring(q, plan.n, plan.beta, rng, prefer)
-        return self._answer(plan, cands, q, pick, outcomes, prompt_tokens)
+        pick = choose_preferring(q, plan.n, plan.beta, rng, mask)
+        return self._answer(plan, cands, X, q, pick, outcomes, prompt_tokens)
 
-    def _score(self, cands: list[Candidate]) -> np.ndarray:
-        X = np.stack([c.features for c in cands]).astype(np.float32)
+    def _score(self, X: np.ndarray) -> np.ndarray:
         try:
             self.probe.check_features(X.shape[1])
             q = self.probe.predict(X)
@@ -204,18 +218,32 @@ class Service:
                                code="bad_features")
         return q
 
-    def _answer(self, plan: Plan, cands: list[Candidate], q: np.ndarray, pick: Choice, outcomes, prompt_tokens
-                ) -> Answer:
+    def _answer(self, plan: Plan, cands: list[Candidate], X: np.ndarray, q: np.ndarray, pick: Choice, outcomes,
+                prompt_tokens) -> Answer:
+        signals = tuple(self.probe.signals or ())
+        S = X[:, X.shape[1] - len(signals):]  # the signal columns are the last ones
+
+        def _signals(i):
+            return {"signals": {s: _finite(float(S[i, j])) for j, s in enumerate(signals)}} if signals else {}
+
         info = {"k": plan.k, "beta": _finite(plan.beta), "chosen": pick.indices.tolist(), "kl": _finite(pick.kl),
                 "features": self.backend.features,
                 "candidates": [{"index": i, "q": _finite(q[i]), "weight": float(pick.weights[i]),
                                 "finish_reason": c.finish_reason,
                                 **({"tests": outcomes[i]} if outcomes is not None else {}),
+                                **_signals(i),
                                 **({"text": c.text} if plan.candidates else {})}
                                for i, c in enumerate(cands)]}
+        if signals:
+            info["signals"] = list(signals)
+        if self.probe.cascade is not None:
+            info["cascade"] = self.probe.cascade
         if outcomes is not None:
-            info["tests"] = {"passed": int(sum(o["passed"] for o in outcomes)), "of": len(outcomes),
-                             "rule": "passing candidates preferred; the probe chooses among them"}
+            rule = "passing candidates preferred; the probe chooses among them"
+            if self.probe.cascade is not None and self.probe.cascade != inputs.FROM_TESTS:
+                rule = (f"passing candidates preferred, then those at their maximum of {self.probe.cascade!r}; "
+                        "the probe chooses among them")
+            info["tests"] = {"passed": int(sum(o["passed"] for o in outcomes)), "of": len(outcomes), "rule": rule}
         if plan.ignored:
             info["ignored_params"] = plan.ignored
         usage = None
