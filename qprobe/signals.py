@@ -7,7 +7,7 @@ Three are derived from the rows' ``token_logprobs`` (written by ``qprobe sample`
 when the row has no field of that name:
 
 ``logprob_sum``   summed token log-probability (likelihood reranking's score)
-``logprob_mean``  mean token log-probability
+``logprob_mean``  mean token log-probability (0 for an empty completion, like the sum)
 ``n_tokens``      number of completion tokens
 
 Any other name is read from the row's field of that name (a number or a bool).
@@ -52,8 +52,8 @@ def _derived(row: dict, name: str):
         return None
     if name == "n_tokens":
         return len(lp)
-    if not lp:
-        return 0.0 if name == "logprob_sum" else None
+    if not lp:  # an empty completion: log p of no tokens is 0 (sum), and so is its mean by convention
+        return 0.0
     total = math.fsum(float(v) for v in lp)
     return total if name == "logprob_sum" else total / len(lp)
 

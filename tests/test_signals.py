@@ -137,8 +137,9 @@ def test_signal_columns_derive_logprobs_and_refuse_missing():
     S = signal_columns(rows, ["logprob_sum", "n_tokens", "shown"])
     assert S[0].tolist() == [-1.5, 2, 1] and S[1].tolist() == [0, 0, 0]
     assert signal_columns(rows[:1], ["logprob_mean"]).tolist() == [[-0.75]]
+    assert signal_columns(rows, ["logprob_mean"])[1, 0] == 0  # an empty completion: 0, as its sum
     with pytest.raises(QProbeError, match=r"rows.jsonl: row 2 has no finite number in field 'logprob_mean'"):
-        signal_columns(rows, ["logprob_mean"], "rows.jsonl")
+        signal_columns([rows[0], {"shown": 1}], ["logprob_mean"], "rows.jsonl")
     with pytest.raises(QProbeError, match="row 1 has no finite number in field 'shown'"):
         signal_columns([{"x": 1}], ["shown"])
     X = np.zeros((2, 2), np.float32)
