@@ -329,7 +329,7 @@ def replay(folder: str | Path, feature: str, objectives=("mse", "ce", "pg"), fol
     Policies (each one completion per test prompt): the base sampler (each prompt's sample 0), the
     likelihood (max summed token log-prob, where rows carry them), the probe (objective, penalty and
     beta by cross-validation on training prompts, on `feature`); and where the set has ``shown``: the
-    shown-test filter (a uniform draw among the passers, seeded) and the cascade (the filter, then a
+    shown-test filter (a uniform draw among the passers, seeded), the filter then likelihood, and the cascade (the filter, then a
     probe on `feature` + the log-prob statistics chosen the same way). Stored pass@1 is the expected
     value over each policy's ties and draws; with ``recheck`` the chosen completions run in the
     sandbox again and ``rechecked_<policy>`` is the pass rate measured now.
@@ -372,6 +372,9 @@ def replay(folder: str | Path, feature: str, objectives=("mse", "ce", "pg"), fol
         out["shown_filter_pass1"] = float(per_prompt_reward(np.zeros(len(yte)), yte, gte, candidates=m).mean())
         draw = np.random.default_rng(seed).random(len(yte))  # a uniform draw among the passers
         picks["shown filter"] = _pick(draw, gte, m)
+        if "likelihood" in picks:
+            picks["shown filter + likelihood"] = _pick(lp, gte, m)
+            out["shown_filter_logprob_pass1"] = float(np.mean(yte[picks["shown filter + likelihood"]]))
         inputs = candidate_inputs(rows, {feature: X}, signals=("shown",), cascade="shown")
         choice = choose_probe(_subset(inputs, np.flatnonzero(tr)), y[tr], g[tr], ("ce",), folds, seed, k=k)
         Xc = inputs[choice.features][0]

@@ -65,6 +65,7 @@ def format_replay(r: dict) -> str:
             ("likelihood (max summed log-prob)", "likelihood", r.get("likelihood_pass1")),
             (f"Q-probe ({r['objective']}, beta {r['beta']:g})", "probe", r["probe_pass1"]),
             ("shown-test filter (runs the prompt's test)", "shown filter", r.get("shown_filter_pass1")),
+            ("shown-test filter, then likelihood", "shown filter + likelihood", r.get("shown_filter_logprob_pass1")),
             ("shown-test filter, then the Q-probe", "cascade probe", r.get("cascade_probe_pass1")),
             ("best-of-k oracle", None, r["oracle_pass1"])]
     lines = [f"MBPP test prompts {r['n_test_prompts']}, k = 8; probes chosen by cross-validation on training prompts",

@@ -127,3 +127,4 @@ def test_replay_reports_filter_and_cascade_when_the_set_has_shown(tmp_path):
 
     text = format_replay(out)
     assert "likelihood" in text and "shown-test filter" in text and "then the Q-probe" in text
+    assert "filter, then likelihood" in text and "shown_filter_logprob_pass1" in out
