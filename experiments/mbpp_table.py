@@ -112,6 +112,8 @@ def main():
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--features", default=None, help="extractor for the objective table [default: the model's]")
     ap.add_argument("--no-variants", action="store_true")
+    ap.add_argument("--settings-only", action="store_true",
+                    help="only settings A and B (no per-objective seeds, variants or KL plots; minutes, not an hour)")
     ap.add_argument("--plot", default=None, help="reward-vs-KL plot [default: experiments/results/<model>_reward_kl.png; "
                     "SmolLM2: mbpp_reward_kl.png]")
     args = ap.parse_args()
@@ -157,6 +159,14 @@ def main():
         for key in list(feats):
             feats[key + "+logp"] = np.hstack([feats[key], lp.astype(np.float32)])
 
+    if args.settings_only:
+        signals_section(res, rows, feats, samp, tr, te, args)
+        res["settings_plot"] = plot_settings(res, args.plot) if args.plot else None
+        res["seconds"] = round(time.time() - t0)
+        print_settings(res)
+        if args.json:
+            print(json.dumps(res))
+        return
     X = feats[args.features]
     table, curves, gains = {}, {}, {}
     for obj in OBJECTIVES:
