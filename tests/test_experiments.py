@@ -25,3 +25,7 @@ def test_mbpp_table_json_contract(tmp_path):
     assert res["n_test_prompts"] > 0 and res["n_train_prompts"] > 0
     assert plot.stat().st_size > 10_000
     assert "best-of-8 oracle (pass@8)" in r.stderr
+    # setting A (nothing runs at inference) on every set; B needs the set's shown-test outcomes
+    assert [row["policy"] for row in res["settings"]["A"]][0] == "base"
+    assert res["setting_a_probe_pass1"] == next(row["reward"] for row in res["settings"]["A"] if row["policy"] == "probe")
+    assert "setting A: CV chose" in r.stderr
