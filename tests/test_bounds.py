@@ -142,9 +142,11 @@ def test_a_guide_layer_the_model_lacks_is_one_line(tiny_model_dir):
     from qprobe.samplers.base import SampleJob
     from qprobe.samplers.hf import HFSampler
 
-    s = HFSampler(tiny_model_dir, max_new_tokens=4, guide=_prefix_probe(64, tiny_model_dir, 999, "last"))
-    with pytest.raises(QProbeError, match="records layer 999"):
+    # refused when the guide's embedder is rebuilt, before any sampling, naming the layer
+    with pytest.raises(QProbeError, match="layer 999") as e:
+        s = HFSampler(tiny_model_dir, max_new_tokens=4, guide=_prefix_probe(64, tiny_model_dir, 999, "last"))
         list(s.sample_stream([SampleJob("hi", 0, 0)]))
+    assert "\n" not in str(e.value)
 
 
 # ------------------------------------------------------------------ the server's key file
