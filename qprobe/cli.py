@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from qprobe.errors import QProbeError, missing_extra
-from qprobe.hfmodel import DEFAULT_MODEL
+from qprobe.hfmodel import DEFAULT_MODEL, DTYPE_HELP
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -83,7 +83,7 @@ def model_options(fn):
         click.option("--api-key", default=None, envvar="OPENAI_API_KEY", show_envvar=True,
                      help="API key (local servers accept any)."),
         click.option("--device", default=None, help="torch device [default: cuda if present, else cpu]."),
-        click.option("--dtype", default=None, help="torch dtype [default: bfloat16 on cuda, float32 on cpu]."),
+        click.option("--dtype", default=None, help=DTYPE_HELP),
         click.option("--batch-size", type=click.IntRange(1), default=None, help="Rows per model or API batch."),
         click.option("--request-timeout", type=Finite(0, MAX_SECONDS, min_open=True), default=60.0, show_default=True,
                      help="API: seconds per HTTP attempt."),
@@ -609,7 +609,7 @@ def read_key_file(path: str, flag: str) -> str:
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Local: rows decoded together.")
 @click.option("--device", default=None, help="torch device [default: cuda if present, else cpu].")
-@click.option("--dtype", default=None, help="torch dtype [default: bfloat16 on cuda, float32 on cpu].")
+@click.option("--dtype", default=None, help=DTYPE_HELP)
 @click.option("--request-timeout", type=Finite(0, MAX_SECONDS, min_open=True), default=60.0, show_default=True,
               help="Upstream: seconds per attempt, the whole answer included.")
 @click.option("--deadline", type=Finite(0, MAX_SECONDS, min_open=True), default=300.0, show_default=True,

@@ -122,15 +122,48 @@ def resolve_model(name: str) -> tuple[str, dict]:
     return name, {}
 
 
+# CPU flags under which bfloat16 matmuls run in hardware (oneDNN uses them): about 2x float32
+# there; without them (AVX2 only) torch emulates bfloat16 and it ran 0.17-0.21x as fast
+# (docs/speed.md). Read from /proc/cpuinfo: neither torch nor the standard library reports them.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def default_dtype(device: str | None) -> str:
+    """The dtype qprobe picks when --dtype is not given: bfloat16 on a GPU and on a CPU with
+    AVX512-BF16 or AMX, float32 on every other CPU."""
+    if str(device).startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if cpu_flags() & set(BF16_CPU_FLAGS) else "float32"
+
+
+DTYPE_HELP = (
+    "torch dtype [default: bfloat16 on a GPU or on a CPU with AVX512-BF16 or AMX "
+    "(/proc/cpuinfo), float32 on other CPUs, where bfloat16 is several times slower]."
+)
+
+
 def pick_device_dtype(device: str | None, dtype: str | None):
-    """CUDA + bfloat16 when present, else CPU + float32; each overridable."""
+    """CUDA when present, else CPU; the dtype by `default_dtype`; each overridable."""
     require_extra("hf", HF_MODULES)
     import torch
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None:
-        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+        dtype = default_dtype(device)
     try:
         torch_dtype = getattr(torch, dtype)
     except AttributeError:
@@ -141,7 +174,7 @@ def pick_device_dtype(device: str | None, dtype: str | None):
 def dtype_name(device: str | None, dtype: str | None) -> str:
     """The dtype a model loaded with (device, dtype) computes in, e.g. "float32" (part of a feature identity)."""
     if dtype is None and device is not None:  # no torch needed to know the default
-        return "bfloat16" if str(device).startswith("cuda") else "float32"
+        return default_dtype(device)
     return str(pick_device_dtype(device, dtype)[1]).removeprefix("torch.")
 
 

@@ -165,8 +165,10 @@ def test_embed_tiny_model(tmp_path, tiny_model_dir):
            "--no-cache")
     X, meta = load_features(tmp_path / "X.npy", read_jsonl(src))
     assert X.shape == (2, 64) and np.isfinite(X).all()
+    from qprobe.hfmodel import default_dtype
+
     assert meta["extractor"] == {"kind": "hf", "model": tiny_model_dir, "layer": 1, "pooling": "mean",
-                                 "dtype": "float32"}  # the compute dtype is part of the identity
+                                 "dtype": default_dtype("cpu")}  # the compute dtype is part of the identity
 
 
 def test_embed_api_stub_safetensors(tmp_path, stub):

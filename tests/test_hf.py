@@ -27,11 +27,14 @@ def test_feature_identity_names_the_dtype():
     from qprobe.cache import make_key
     from qprobe.embedders.hf import HFEmbedder
 
-    f32, bf16 = HFEmbedder(device="cpu").identity(), HFEmbedder(device="cpu", dtype="bfloat16").identity()
+    from qprobe.hfmodel import default_dtype
+
+    f32, bf16 = HFEmbedder(device="cpu", dtype="float32").identity(), HFEmbedder(device="cpu", dtype="bfloat16").identity()
     assert f32["dtype"] == "float32" and bf16["dtype"] == "bfloat16"
+    assert HFEmbedder(device="cpu").identity()["dtype"] == default_dtype("cpu")  # the default follows the CPU
     assert HFEmbedder(device="cuda").identity()["dtype"] == "bfloat16"  # the cuda default, known without torch
     assert make_key(f32, ["p", "c"]) != make_key(bf16, ["p", "c"])
-    assert HFEmbedder(device="cpu").cache_key("p", "c") != HFEmbedder(device="cpu", dtype="bfloat16").cache_key("p", "c")
+    assert HFEmbedder(device="cpu", dtype="float32").cache_key("p", "c") != HFEmbedder(device="cpu", dtype="bfloat16").cache_key("p", "c")
 
 
 @pytest.mark.model
@@ -54,8 +57,10 @@ def test_greedy_batched_equals_one_at_a_time_and_plain_generate(smollm):
 def test_seeded_sampling_is_reproducible_and_samples_differ(smollm):
     from qprobe.samplers.hf import HFSampler
 
-    a = HFSampler(max_new_tokens=16, batch_size=6).sample(CHAT, k=2, seed=1, progress=False)
-    b = HFSampler(max_new_tokens=16, batch_size=2).sample(CHAT, k=2, seed=1, progress=False)
+    # float32: a row's tokens do not depend on its batch-mates. In bfloat16 (the default on GPUs and on
+    # CPUs with AVX512-BF16) the matmuls round differently per batch shape, so near-ties can flip.
+    a = HFSampler(max_new_tokens=16, batch_size=6, dtype="float32").sample(CHAT, k=2, seed=1, progress=False)
+    b = HFSampler(max_new_tokens=16, batch_size=2, dtype="float32").sample(CHAT, k=2, seed=1, progress=False)
     assert [r["completion"] for r in a] == [r["completion"] for r in b]
     assert len({r["completion"] for r in a}) > 3  # the k samples of a prompt are not copies
 
@@ -79,17 +84,17 @@ def test_features_from_sampling_match_a_separate_forward_pass(smollm, tmp_path):
 
 
 @pytest.mark.model
-def test_embedder_pooling_and_layers(smollm):
+def test_embedder_pooling_and_layers():
     import torch
 
     from qprobe.embedders.hf import HFEmbedder
-    from qprobe.hfmodel import completion_ids, prompt_ids
+    from qprobe.hfmodel import completion_ids, load_model, prompt_ids
 
-    model, tok = smollm
+    model, tok = load_model("smollm2-135m", None, "float32")  # exact comparisons: float32 on any CPU
     item = (CHAT[0]["prompt"], "def add(a, b):\n    return a + b")
-    last = HFEmbedder(layer=-1, pooling="last").embed([item], progress=False)[0]
+    last = HFEmbedder(layer=-1, pooling="last", dtype="float32").embed([item], progress=False)[0]
     assert HFEmbedder(layer=30).identity() == HFEmbedder(layer=-1).identity()
-    mean8 = HFEmbedder(layer=8, pooling="mean").embed([item], progress=False)[0]
+    mean8 = HFEmbedder(layer=8, pooling="mean", dtype="float32").embed([item], progress=False)[0]
     p, c = prompt_ids(tok, item[0]), completion_ids(tok, item[1])
     with torch.no_grad():
         hs = model(torch.tensor([p + c]), output_hidden_states=True).hidden_states
@@ -97,7 +102,7 @@ def test_embedder_pooling_and_layers(smollm):
     np.testing.assert_allclose(mean8, hs[8][0, len(p):].mean(0).numpy(), rtol=1e-4, atol=1e-4)
     # batching with padding changes nothing
     other = (CHAT[1]["prompt"], "red, green and a much longer answer " * 3)
-    both = HFEmbedder(layer=-1, pooling="last").embed([item, other], progress=False)
+    both = HFEmbedder(layer=-1, pooling="last", dtype="float32").embed([item, other], progress=False)
     np.testing.assert_allclose(both[0], last, rtol=1e-3, atol=1e-3)
 
 

@@ -354,7 +354,8 @@ def _real_local_checks(url, model_name, probe, local_model):
     assert info["features"] == "sampling pass" and len(info["candidates"]) == 3
     chosen = info["chosen"][0]
     assert r.choices[0].message.content == info["candidates"][chosen]["text"]
-    direct = HFSampler(local_model, temperature=0.8, top_p=0.95, max_new_tokens=12, capture=[(-1, "last")])
+    direct = HFSampler(local_model, temperature=0.8, top_p=0.95, max_new_tokens=12, capture=[(-1, "last")],
+                       dtype=probe.embedder_.get("dtype"))  # serve computes in the probe's features' dtype
     res = dict(direct.sample_stream([SampleJob(msgs, i, row_seed(1, "serve", i)) for i in range(3)]))
     assert [c["text"] for c in info["candidates"]] == [res[i].completion for i in range(3)]
     X = np.stack([res[i].features[0].vector for i in range(3)])

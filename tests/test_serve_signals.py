@@ -235,7 +235,8 @@ def _local_signals_checks(url, model_name, probe, local_model, layer: int, body:
         **body)
     info = r.model_extra["qprobe"]
     direct = HFSampler(local_model, temperature=0.8, top_p=0.95, max_new_tokens=body["max_tokens"],
-                       stop=body.get("stop"), capture=[(layer, "last")])
+                       stop=body.get("stop"), capture=[(layer, "last")],
+                       dtype=probe.embedder_.get("dtype"))  # serve computes in the probe's features' dtype
     res = dict(direct.sample_stream([SampleJob(body["prompt"], i, row_seed(1, "serve", i)) for i in range(3)]))
     assert [c["text"] for c in info["candidates"]] == [res[i].completion for i in range(3)]
     rows = [res[i].row() for i in range(3)]

@@ -197,6 +197,12 @@ class LocalBackend(Backend):
         if not extractor or (extractor.get("kind") == "hf" and extractor.get("model") == model):
             ex = extractor or {"layer": -1, "pooling": "last"}
             self.capture, self.features, self._embedding = [(int(ex["layer"]), ex["pooling"])], "sampling pass", None
+            trained = ex.get("dtype")  # the probe's features were computed in this dtype: serve computes the same
+            if trained and dtype is None:
+                self.dtype = trained
+            elif trained and str(dtype).removeprefix("torch.") != trained:
+                raise QProbeError(f"--dtype {dtype}: the probe was trained on {trained} features of {model}; "
+                                  f"serve computes them in {trained} (leave --dtype out)")
         else:
             self.capture, self.features = None, "extractor"
             self._embedding = _Embedding(extractor, api_key)
