@@ -296,9 +296,10 @@ def plot_settings(res, reward_kl_path):
     ax.axvline(res["oracle_pass8"], color="red", ls="--", lw=1, label=f"best-of-8 oracle {res['oracle_pass8']:.3f}")
     ax.set_yticks(ys)
     ax.set_yticklabels([b[0] for b in bars], fontsize=8)
-    ax.set_xlabel("MBPP test pass@1 (A: nothing runs at inference; B: the prompt's shown test runs)")
-    ax.set_title(f"{TITLES[res['model']]}, {res['n_test_prompts']} MBPP test prompts, k = 8", fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel("pass@1 on the hidden tests", fontsize=9)
+    ax.set_title(f"{TITLES[res['model']]}, {res['n_test_prompts']} MBPP test prompts, k = 8\n"
+                 "A: nothing runs at inference; B: the prompt's shown test runs", fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
     ax.set_xlim(0, max(res["oracle_pass8"], max(b[1] for b in bars)) + 0.08)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
