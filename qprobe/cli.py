@@ -482,8 +482,9 @@ def loop(rows, features, state_path, rounds, budget, rule, c, objective, alpha, 
 def demo(out_dir, mbpp_path, train_tasks, test_tasks, k, max_new_tokens, model, benchmark_dir, no_benchmark,
          cache_dir, no_cache):
     """Part 1: a small MBPP run end to end on the embedded default (sample, reward, embed, train,
-    eval). Part 2: the probe's gain on the committed Qwen2.5-Coder-0.5B MBPP set, its choices run
-    again in the sandbox. About 5 minutes on 2 cores."""
+    eval). Part 2: on the committed Qwen2.5-Coder-0.5B MBPP set, likelihood, the prompt's shown
+    test as a filter and the probe, each policy's choices run again in the sandbox. About 5
+    minutes on 2 cores."""
     from qprobe.demo import BENCHMARK, BENCHMARK_FEATURE, format_replay, run_demo
 
     echo = functools.partial(click.echo, err=True)
