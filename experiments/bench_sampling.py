@@ -3,6 +3,7 @@
     python experiments/bench_sampling.py                       # SmolLM2-135M on this CPU
     python experiments/bench_sampling.py --random llama-7b --tokenizer DIR --device cuda   # a GPU
     python experiments/bench_sampling.py --model qwen2.5-coder-0.5b --dtype-compare        # fp32 vs bf16, LM head
+(run from the repository root with qprobe installed, e.g. `scripts/setup.sh`)
 
 Prints, for the same MBPP chat prompts:
   1. useful tokens/s of qprobe's continuous-batching sampler vs a plain loop that
@@ -21,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SHAPES = {  # real model shapes, for randomly initialised benchmarks
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -133,15 +132,20 @@ def dtype_compare(name, batch, steps=16, prompt_len=128, threads=None):
     out["head_cost_float32"] = out["float32"]["forward_tok_s_no_head"] / out["float32"]["forward_tok_s_with_head"] - 1
     print(f"bfloat16 / float32: decode {out['bf16_decode_speedup']:.2f}x, feature pass {out['bf16_forward_speedup']:.2f}x;"
           f" the LM head adds {100 * out['head_cost_float32']:.0f}% to a float32 feature pass", flush=True)
+    default = hfmodel.default_dtype("cpu")
+    other = "float32" if default == "bfloat16" else "bfloat16"
+    faster = {k: out[default][k] >= out[other][k] for k in ("decode_tok_s", "forward_tok_s_no_head")}
+    out.update(default_dtype=default, default_is_faster=faster)
+    print(f"qprobe's default on this CPU: {default}; faster than {other} for decoding: "
+          f"{'yes' if faster['decode_tok_s'] else 'NO'}, for a feature pass: "
+          f"{'yes' if faster['forward_tok_s_no_head'] else 'NO'}", flush=True)
     return out
 
 
 def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return "unknown"
+    from qprobe.hfmodel import cpu_flags as flags_of_this_cpu
+
+    flags = flags_of_this_cpu()
     wanted = [x for x in flags if x.startswith(("avx512_bf16", "amx", "avx512f", "avx2"))]
     return " ".join(sorted(wanted)) or "none of avx2/avx512/amx"
 

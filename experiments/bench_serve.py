@@ -2,6 +2,7 @@
 
     python experiments/bench_serve.py                 # SmolLM2-135M on this CPU, k 4, max_tokens 16
     python experiments/bench_serve.py --json          # the same, plus one JSON line
+    python experiments/bench_serve.py --overhead-only --max-tokens 64 --repeats 5 --json   # reranking's cost
 
 Starts the server in this process on 127.0.0.1 (a free port) over the embedded
 default model, with a probe on its last-layer, last-token features (random
@@ -14,7 +15,9 @@ official async openai client. Prints:
      probe, no HTTP), one request at a time, against the server at concurrency 1.
      With the same seeds both draw the same tokens, so the difference is HTTP,
      feature capture, scoring and the choice; a third run, the sampler keeping the
-     probe's features, separates the capture's share.
+     probe's features, separates the capture's share. `--repeats R` interleaves R
+     rounds of (plain, capture, served) over the same prompts and reports the overhead
+     of each round and their spread, so drift of the machine between runs shows.
 """
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ async def drive(url: str, model: str, msgs: list, conc: int, k: int, max_tokens:
     wall = time.perf_counter() - t0
     await client.close()
     return {"concurrency": conc, "requests": len(msgs), "rps": len(msgs) / wall, "p50": pct(lat, 50),
-            "p95": pct(lat, 95), "wall": wall}
+            "p95": pct(lat, 95), "wall": wall, "mean": statistics.mean(lat)}
 
 
 def plain_sampling(model: str, msgs: list, k: int, max_tokens: int, temperature: float, top_p: float,
@@ -89,6 +92,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds of plain / capture / served")
+    ap.add_argument("--overhead-only", action="store_true", help="skip the concurrency levels")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
 
@@ -114,13 +119,28 @@ def main(argv=None) -> dict:
         with BackgroundServer(app) as srv:
             asyncio.run(drive(srv.url, a.model, msgs[:1], 1, a.k, a.max_tokens))  # warm up
             runs = []
-            for c in levels:  # each level is printed as it finishes (the whole run takes minutes)
+            for c in ([] if a.overhead_only else levels):  # each level is printed as it finishes
                 runs.append(asyncio.run(drive(srv.url, a.model, msgs, c, a.k, a.max_tokens)))
                 print(f"# concurrency {c}: {runs[-1]['rps']:.3f} requests/s", file=sys.stderr, flush=True)
+            plain_sampling(a.model, msgs[:2], a.k, a.max_tokens, temperature, top_p)  # warm up this thread's kernels
+            rounds = []  # interleaved: the machine's drift hits plain and served alike
+            for i in range(a.repeats):
+                plain = plain_sampling(a.model, msgs, a.k, a.max_tokens, temperature, top_p)
+                captured = plain_sampling(a.model, msgs, a.k, a.max_tokens, temperature, top_p,
+                                          capture=[(-1, "last")])
+                served = (next((r for r in runs if r["concurrency"] == 1), None) if i == 0 and runs else None) \
+                    or asyncio.run(drive(srv.url, a.model, msgs, 1, a.k, a.max_tokens))
+                rounds.append({"plain_mean": statistics.mean(plain), "plain_p50": statistics.median(plain),
+                               "capture_mean": statistics.mean(captured),
+                               "capture_p50": statistics.median(captured),
+                               "served_mean": served["mean"], "served_p50": served["p50"],
+                               "overhead_mean": served["mean"] / statistics.mean(plain) - 1})
+                print(f"# round {i + 1}: plain {rounds[-1]['plain_mean']:.2f} s, capture "
+                      f"{rounds[-1]['capture_mean']:.2f} s, served {served['mean']:.2f} s per request: "
+                      f"overhead {rounds[-1]['overhead_mean']:+.1%}", file=sys.stderr, flush=True)
             batches = app.state.backend.n_batches
-    plain = plain_sampling(a.model, msgs, a.k, a.max_tokens, temperature, top_p)
-    captured = plain_sampling(a.model, msgs, a.k, a.max_tokens, temperature, top_p, capture=[(-1, "last")])
-    c1 = next((r for r in runs if r["concurrency"] == 1), None)
+    plain, captured = [r["plain_mean"] for r in rounds], [r["capture_mean"] for r in rounds]
+    c1 = {"p50": statistics.mean(r["served_p50"] for r in rounds)}
     lines = [
         f"# python experiments/bench_serve.py {' '.join(argv or [])}".rstrip(),
         f"# {platform.node()}: {torch.get_num_threads()} torch threads, {a.model}, k {a.k}, max_tokens {a.max_tokens}, "
@@ -129,18 +149,20 @@ def main(argv=None) -> dict:
     ]
     for r in runs:
         lines.append(f"{r['concurrency']:>11} {r['rps']:>11.3f} {r['p50']:>8.2f} {r['p95']:>8.2f}")
-    lines.append(f"sampler batches for {sum(r['requests'] for r in runs) + 1} requests: {batches}")
-    report = {"model": a.model, "k": a.k, "max_tokens": a.max_tokens, "levels": runs,
-              "plain_p50": statistics.median(plain), "plain_mean": statistics.mean(plain),
-              "capture_p50": statistics.median(captured), "capture_mean": statistics.mean(captured)}
-    if c1:
-        over = c1["p50"] / report["plain_p50"] - 1
-        report["rerank_overhead_p50"] = over
-        lines.append(f"plain sampling, same prompts/seeds/k, no features/probe/HTTP: p50 {report['plain_p50']:.2f} s, "
-                     f"mean {report['plain_mean']:.2f} s per request")
-        lines.append(f"the same, keeping the probe's features (capture): p50 {report['capture_p50']:.2f} s, "
-                     f"mean {report['capture_mean']:.2f} s per request")
-        lines.append(f"served with reranking at concurrency 1: p50 {c1['p50']:.2f} s -> overhead {over:+.1%}")
+    lines.append(f"sampler batches: {batches}")
+    overs = [r["overhead_mean"] for r in rounds]
+    report = {"model": a.model, "k": a.k, "max_tokens": a.max_tokens, "levels": runs, "rounds": rounds,
+              "plain_mean": statistics.mean(plain), "capture_mean": statistics.mean(captured),
+              "rerank_overhead": statistics.mean(overs), "rerank_overhead_min": min(overs),
+              "rerank_overhead_max": max(overs),
+              "rerank_overhead_sd": statistics.stdev(overs) if len(overs) > 1 else 0.0}
+    lines.append(f"plain sampling, same prompts/seeds/k, no features/probe/HTTP: {report['plain_mean']:.2f} s per "
+                 f"request (mean of {len(rounds)} rounds)")
+    lines.append(f"the same, keeping the probe's features (capture): {report['capture_mean']:.2f} s per request")
+    lines.append(f"served with reranking at concurrency 1: p50 {c1['p50']:.2f} s; overhead over plain, per round: "
+                 + ", ".join(f"{o:+.1%}" for o in overs)
+                 + f"; mean {report['rerank_overhead']:+.1%} (min {min(overs):+.1%}, max {max(overs):+.1%}, "
+                   f"sd {report['rerank_overhead_sd']:.1%})")
     print("\n".join(lines))
     if a.json:
         print(json.dumps(report))

@@ -403,8 +403,45 @@ def llama_server(log_path: str | os.PathLike, timeout: float = 90.0, n_ctx: int 
             proc.wait()
 
 
-# ------------------------------------------------------------------ the real vLLM CPU build
+# ------------------------------------------------------------------ llama.cpp's own llama-server (C++)
 ROOT = Path(__file__).resolve().parents[2]  # the checkout holding qprobe/ and scripts/
+LLAMA_SCRIPT = ROOT / "scripts" / "llama_server.sh"
+
+
+def native_llama_path() -> Path | None:
+    """The llama-server that `scripts/llama_server.sh native-install` built for this CPU, or None."""
+    r = subprocess.run(["bash", str(LLAMA_SCRIPT), "native-path"], capture_output=True, text=True)
+    return Path(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip() else None
+
+
+@contextlib.contextmanager
+def native_llama_server(gguf: str | os.PathLike, log_path: str | os.PathLike, parallel: int = 16,
+                        ctx_per_slot: int = 1024, threads: int | None = None,
+                        timeout: float = 120.0) -> Iterator[str]:
+    """Run llama.cpp's native ``llama-server`` on ``gguf`` with ``parallel`` slots (it honours ``n``
+    and batches the slots together); yield its base URL."""
+    binary = native_llama_path()
+    if binary is None:
+        raise RuntimeError("llama-server is not built: scripts/llama_server.sh native-install")
+    port = free_port()
+    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
+           "-c", str(parallel * ctx_per_slot), "--cont-batching", "-t", str(threads or os.cpu_count() or 1)]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        _wait_for_models(proc, base, log_path, timeout, "llama-server", tail=2000, poll=0.5)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------------ the real vLLM CPU build
 VLLM_SCRIPT = ROOT / "scripts" / "vllm_server.sh"
 
 
