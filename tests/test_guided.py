@@ -118,7 +118,9 @@ def test_guidance_steers_towards_a_preferred_token(smollm):
     E = model.get_input_embeddings().weight.detach().float().numpy()
     probe = _prefix_probe(E[target], "smollm2-135m", 0, "mean")  # layer 0: the input embeddings
     prompts = [{"prompt_id": 0, "prompt": [{"role": "user", "content": "Describe a city in a few sentences."}]}]
-    kw = dict(max_new_tokens=40, batch_size=16, temperature=1.0)
+    # float32 on any CPU: the figure below was seen in float32, and one seed of 4 samples is too few to
+    # carry over to bfloat16's other draws (there, 2 prompts x 8 samples x 2 seeds gave 1.35-1.57x)
+    kw = dict(max_new_tokens=40, batch_size=16, temperature=1.0, dtype="float32")
     plain = HFSampler(**kw).sample(prompts, k=4, seed=0, progress=False)
     guided = HFSampler(**kw, guide=probe, chunk=4, branch=4, beta=0).sample(prompts, k=4, seed=0, progress=False)
 
