@@ -136,12 +136,12 @@ def test_one_sampler_serves_two_interleaved_calls(tiny_model_dir, guided):
     from qprobe.samplers.base import SampleJob
     from qprobe.samplers.hf import HFSampler
 
-    kw = dict(max_new_tokens=12, batch_size=4, capture=[(-1, "last")], prefix_every=4)
+    kw = dict(max_new_tokens=9, batch_size=4, capture=[(-1, "last")], prefix_every=4)
     if guided:
         kw.update(guide=_prefix_probe(np.random.default_rng(3).normal(size=64), tiny_model_dir, 2, "last"), chunk=3,
                   branch=2, beta=0.5)
     sampler = HFSampler(tiny_model_dir, **kw)
-    calls = [[SampleJob(f"task {i}", 0, 10 + i) for i in range(5)],
+    calls = [[SampleJob(f"task {i}", 0, 10 + i) for i in range(4)],
              [SampleJob("a longer prompt, " * (i + 1), i, 100 + i) for i in range(3)]]
 
     def seen(item):
