@@ -4,7 +4,7 @@
 
 prints one table of figures and ends with one JSON line of the same figures (see the
 scenarios' docstrings in qprobe/testing/; tests/test_reliability.py and
-tests/test_hostile.py assert on them). Misused commands (`qprobe.testing.misuse`): outputs naming an input, special
+tests/test_misuse.py assert on them). Misused commands (`qprobe.testing.misuse`): outputs naming an input, special
 files (on device nodes of its own, never the system's), absurd limits, features without a
 sidecar, about thirty malformed inputs, completions that try to forge a code reward, and
 the input files destroyed by all of it (must be 0). `--misuse-only` (or its former name `--round2-only`) runs just these
@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
         return fig
     if a.misuse_only:
         with tempfile.TemporaryDirectory(prefix="qprobe-faults-") as tmp:
-            r2 = run_misuse_cases(Path(a.workdir or tmp) / "round2")
+            r2 = run_misuse_cases(Path(a.workdir or tmp) / "misuse")
         fig = {**misuse_figures(r2), "seconds": round(time.monotonic() - t0, 1)}
         _print_misuse(r2)
         print(json.dumps(fig))
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
         shared = concurrent_embeds(work / "shared", 200)
         hostile = hostile_inputs(work / "hostile", model_dir)
         empty = empty_completions(work / "empty", model_dir)
-        r2 = run_misuse_cases(work / "round2")
+        r2 = run_misuse_cases(work / "misuse")
         sv = serve_faults(work / "serve")
     fig = {
         "runs_interrupted": sum(k["interrupted"] for k in kills),

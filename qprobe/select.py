@@ -209,6 +209,40 @@ def select_indices(q, groups, beta: float, random_state=None, return_labels: boo
     return (idx, gi.labels) if return_labels else idx
 
 
+def draw_index(q, beta: float, random_state=None) -> int:
+    """One row of a single group drawn from ``softmax(q / beta)``; the argmax at ``beta = 0``.
+
+    Drawn as `select_indices` draws for one group: inverse CDF with one uniform from
+    ``random_state``. It works on the log-weights ``(q - max q) / beta``, so a tiny beta does
+    not overflow (the others' weights underflow to 0: the argmax); ``inf`` draws uniformly.
+    One row, or ``beta = 0``, takes no draw (the generator is left as it was; ties go to the
+    lowest index).
+
+    Parameters
+    ----------
+    q : array-like of shape (k,)
+        Scores of one group's rows.
+    beta : float
+        Temperature, >= 0.
+    random_state : None, int or numpy.random.Generator / RandomState
+
+    Returns
+    -------
+    index : int
+    """
+    q = _check_q(q)
+    beta = _check_beta(beta)
+    if q.size == 0:
+        raise QProbeError("q is empty: need at least one row")
+    if q.size == 1:
+        return 0
+    if beta == 0:
+        return int(np.argmax(q))
+    w = np.exp((q - q.max()) / beta)  # the largest is exp(0) = 1: the sum is >= 1
+    cdf = np.cumsum(w / w.sum())
+    return int(min(np.searchsorted(cdf, _rng(random_state).random() * cdf[-1], side="right"), q.size - 1))
+
+
 def _rng(random_state):
     if isinstance(random_state, np.random.Generator):
         return random_state

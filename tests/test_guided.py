@@ -132,6 +132,37 @@ def test_guidance_steers_towards_a_preferred_token(smollm):
     assert rate(guided) > 1.5 * rate(plain) and rate(guided) > 0.05, (rate(guided), rate(plain))
 
 
+@pytest.mark.parametrize("guided", [False, True])
+def test_one_sampler_serves_two_interleaved_calls(tiny_model_dir, guided):
+    """Two `sample_stream` calls on one HFSampler, stepped alternately, each give exactly what they give alone."""
+    from qprobe.samplers.base import SampleJob
+    from qprobe.samplers.hf import HFSampler
+
+    kw = dict(max_new_tokens=9, batch_size=4, capture=[(-1, "last")], prefix_every=4)
+    if guided:
+        kw.update(guide=_prefix_probe(np.random.default_rng(3).normal(size=64), tiny_model_dir, 2, "last"), chunk=3,
+                  branch=2, beta=0.5)
+    sampler = HFSampler(tiny_model_dir, **kw)
+    calls = [[SampleJob(f"task {i}", 0, 10 + i) for i in range(4)],
+             [SampleJob("a longer prompt, " * (i + 1), i, 100 + i) for i in range(3)]]
+
+    def seen(item):
+        j, r = item
+        return j, r.completion, r.finish_reason, r.fields, [(c.prompt, c.completion, c.vector.tolist()) for c in r.features]
+
+    alone = [[seen(x) for x in sampler.sample_stream(jobs)] for jobs in calls]
+    streams, together = [sampler.sample_stream(jobs) for jobs in calls], [[], []]
+    live = [0, 1]
+    while live:
+        for i in list(live):
+            try:
+                together[i].append(seen(next(streams[i])))
+            except StopIteration:
+                live.remove(i)
+    assert together == alone
+    assert all(len(a) == len(c) for a, c in zip(alone, calls))
+
+
 def test_guide_refuses_a_probe_that_is_not_a_prefix_probe(tmp_path):
     from qprobe.samplers.guide import Guide
 

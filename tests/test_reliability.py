@@ -1,6 +1,6 @@
 """Reliability: kill -9 and resume, a faulty or dead server, hostile inputs, a shared cache.
 
-The scenarios live in `qprobe/testing/faults.py` (experiments/fault_report.py prints their figures);
+The scenarios live in `qprobe/testing/` (experiments/fault_report.py prints their figures);
 here each is run at a smaller size and its figures are asserted. The slow ones
 start several CLI processes each and are marked `slow` (CI still runs them).
 

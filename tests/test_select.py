@@ -8,6 +8,7 @@ import pytest
 from qprobe.errors import QProbeError
 from qprobe.select import (
     bon_kl_bound,
+    draw_index,
     effective_sample_size,
     group_index,
     kl_to_base,
@@ -68,6 +69,22 @@ def test_draws_follow_the_weights_and_are_reproducible():
     np.testing.assert_allclose(freq, expected, atol=0.015)
     np.testing.assert_array_equal(idx, select_indices(q, g, 0.7, random_state=0))
     assert ((idx >= np.arange(n_groups) * k) & (idx < np.arange(n_groups) * k + k)).all()
+
+
+def test_draw_index_draws_as_select_indices_for_one_group():
+    q = np.array([0.3, -1.0, 2.0, 0.5, 1.9])
+    for beta in (0.05, 0.7, np.inf):
+        one = [draw_index(q, beta, np.random.default_rng(s)) for s in range(300)]
+        assert one == [int(select_indices(q, np.zeros(5), beta, random_state=np.random.default_rng(s))[0])
+                       for s in range(300)]
+    # one row or beta 0: no draw (the generator is untouched), ties to the lowest index
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    assert draw_index([1.5], 0.1, rng) == 0 and draw_index([0.0, 2.0, 2.0], 0, rng) == 1
+    assert rng.bit_generator.state == state
+    assert draw_index([0.0, 1.0, 0.5], 1e-300, rng) == 1  # log space: a tiny beta is the argmax, not NaN
+    with pytest.raises(QProbeError, match="NaN"):
+        draw_index([0.0, np.nan], 1.0, rng)
 
 
 def test_kl_uniform_onehot_and_formula():

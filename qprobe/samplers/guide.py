@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from qprobe.errors import QProbeError
+from qprobe.select import draw_index
 
 LINE = "line"
 MAX_BRANCH = 64  # continuations per row per chunk: each is a row of the batch, so k x branch rows decode together
@@ -120,16 +121,6 @@ class Guide:
         return n_fed - start >= self.chunk
 
     def choose(self, feats: np.ndarray, rng: np.random.Generator) -> tuple[int, np.ndarray]:
-        """Index drawn from softmax(Q / beta) over the rows of `feats` (n_branches, H), and Q."""
+        """Index drawn from softmax(Q / beta) over the rows of `feats` (n_branches, H) (`select.draw_index`), and Q."""
         q = self.probe.predict(np.asarray(feats, dtype=np.float32))
-        if len(q) == 1:
-            return 0, q
-        if self.beta == 0:
-            return int(np.argmax(q)), q  # ties: the first
-        if math.isinf(self.beta):
-            w = np.ones_like(q)
-        else:
-            z = q / self.beta
-            w = np.exp(z - z.max())
-        cdf = np.cumsum(w / w.sum())
-        return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(q) - 1)), q
+        return draw_index(q, self.beta, rng), q

@@ -16,9 +16,12 @@ transformers' own continuous-batching API (`generate_batch`, the paged
 
 It is also continuous: finished rows leave the batch at once and new prompts are
 admitted into the free slots (`generate` runs a batch until its longest member stops).
-Three steps: `_admit` prefills new prompts and `_merge`s them into the running batch,
-`_step` feeds every row its newest token and draws the next, `_settle` retires finished
-rows and, when guided, picks among a row's branches at each chunk boundary.
+Each `sample_stream` call keeps its state in a `_Run` (model, jobs, running batch), so one
+sampler serves concurrent calls. Three steps: `_Run.admit` prefills new prompts and merges
+them into the running batch, `_Run.step` feeds every row its newest token and draws the
+next, `_Run.settle` retires finished rows. What a completion's rows do is its decode
+policy's: `DecodePolicy` (plain sampling, one row) or `GuidedPolicy` (branches, a choice
+among them at each chunk boundary, the winner's cache row forked into the next chunk).
 
 Does not cache, count or print progress: `Sampler.sample` does that.
 """
@@ -89,6 +92,33 @@ class _Batch:
             self.mask = self.mask[:, lead:]
             for L in self.cache.layers:
                 L.keys, L.values = L.keys[:, :, lead:], L.values[:, :, lead:]
+
+    def merge(self, slots, cache, mask, pos) -> None:
+        """Append rows (their cache, mask and positions), left-padding the shorter side."""
+        import torch
+
+        if not self.slots:
+            self.slots, self.cache, self.mask, self.pos = list(slots), cache, mask, pos
+            return
+        T = max(self.mask.shape[1], mask.shape[1])
+        for L0, L1 in zip(self.cache.layers, cache.layers):
+            L0.keys = torch.cat([_lpad(L0.keys, T), _lpad(L1.keys, T)], 0)
+            L0.values = torch.cat([_lpad(L0.values, T), _lpad(L1.values, T)], 0)
+        self.mask = torch.cat([_lpad(self.mask, T, dim=1), _lpad(mask, T, dim=1)], 0)
+        self.pos = torch.cat([self.pos, pos])
+        self.slots += list(slots)
+
+    def fork(self, r: int, slots) -> None:
+        """Append `slots` as copies of row r (its cache, mask and position)."""
+        import torch
+
+        idx = torch.full((len(slots),), r, device=self.mask.device)
+        for layer in self.cache.layers:
+            layer.keys = torch.cat([layer.keys, layer.keys[idx]], 0)
+            layer.values = torch.cat([layer.values, layer.values[idx]], 0)
+        self.mask = torch.cat([self.mask, self.mask[idx]], 0)
+        self.pos = torch.cat([self.pos, self.pos[idx]])
+        self.slots += slots
 
 
 class HFSampler(Sampler):
@@ -205,21 +235,11 @@ class HFSampler(Sampler):
 
     # ------------------------------------------------------------------ main loop
     def sample_stream(self, jobs: Sequence[SampleJob]) -> Iterator[tuple[int, Sample]]:
+        """Each call keeps its state in its own `_Run` (and decode policy), so calls may run at once."""
         import torch
 
         model, tok = load_model(self.model, self.device, self.dtype)
-        # hidden-state layers kept per fed token: the captured ones, then the guide's
-        self._cap_layers = [norm_layer(model, l) for l, _ in self.capture]
-        if self.guide:
-            try:
-                self._guide_layer = norm_layer(model, self.guide.layer)
-            except QProbeError:
-                raise QProbeError(f"the guide probe records layer {self.guide.layer}, but {self.model} has layers "
-                                  f"0..{model_layers(model)}") from None
-        self._layers = list(dict.fromkeys(self._cap_layers + ([self._guide_layer] if self.guide else [])))
-        eos = model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
-        eos.discard(None)
+        run = _Run(self, model, tok, jobs, GuidedPolicy(self.guide) if self.guide else DecodePolicy())
         lengths = [len(prompt_ids(tok, j.prompt)) for j in jobs]
         limit = getattr(model.config, "max_position_embeddings", None) or 10**9
         for j, n in zip(jobs, lengths):
@@ -229,162 +249,123 @@ class HFSampler(Sampler):
         # longest prompts first: admitted together, they share padding
         order = sorted(range(len(jobs)), key=lambda i: -lengths[i])
         queue = list(reversed(order))  # pop() takes the next
-        self._m, self._tok, self._jobs, self._eos = model, tok, jobs, eos
-        self._guided: dict[int, _Job] = {}  # job index -> its guided-decoding state
-        batch = _Batch()
-        try:
+        rows_per_job, batch = run.policy.rows_per_job, run.batch
+        while queue or batch.slots:
+            # inference mode for the step only, not across the yields: another call's steps may run in between
             with torch.inference_mode():
-                while queue or batch.slots:
-                    rows_per_job = self.guide.branch if self.guide else 1
-                    free = self.batch_size - len(batch.slots)
-                    # admit new prompts when a quarter of the slots are free
-                    if queue and (not batch.slots or free >= max(rows_per_job, self.batch_size // 4)):
-                        n = max(1, free // rows_per_job)
-                        yield from self._admit(batch, [queue.pop() for _ in range(min(n, len(queue)))])
-                    if batch.slots:
-                        yield from self._step(batch)
-        finally:
-            self._m = self._tok = self._jobs = self._guided = None
+                done = []
+                free = self.batch_size - len(batch.slots)
+                # admit new prompts when a quarter of the slots are free
+                if queue and (not batch.slots or free >= max(rows_per_job, self.batch_size // 4)):
+                    n = max(1, free // rows_per_job)
+                    done += run.admit([queue.pop() for _ in range(min(n, len(queue)))])
+                if batch.slots:
+                    done += run.step()
+            yield from done
 
-    @property
-    def _want_states(self) -> bool:
-        return bool(self._layers)
+    def capture_embedders(self) -> list:
+        """The `HFEmbedder` whose features each `capture` entry equals (it owns their cache keys)."""
+        if self._cap_embedders is None:
+            from qprobe.embedders.hf import HFEmbedder
 
-    def _admit(self, batch: _Batch, new: list[int]):
-        """Prefill the prompts of jobs `new` (each distinct prompt once), draw their first tokens, merge."""
-        import torch
-        from transformers import DynamicCache
+            self._cap_embedders = [HFEmbedder(self.model, layer, pooling, device=self.device, dtype=self.dtype)
+                                   for layer, pooling in self.capture]
+        return self._cap_embedders
 
-        model, tok, jobs, dev = self._m, self._tok, self._jobs, self._m.device
-        B = self.guide.branch if self.guide else 1
-        uniq: dict[tuple, int] = {}  # prompt ids -> row of the prefill batch
-        pids, row_of, slots = [], [], []
-        for j in new:
-            ids = tuple(prompt_ids(tok, jobs[j].prompt))
-            if ids not in uniq:
-                uniq[ids] = len(pids)
-                pids.append(ids)
-            if self.guide:
-                self._guided[j] = _Job(rng=np.random.default_rng([int(jobs[j].seed), 1]))
-            for b in range(B):  # guided: the first chunk's branches share the prompt's prefill
-                row_of.append(uniq[ids])
-                slots.append(_Slot(job=j, gen=self._branch_gen(j, b)))
-        P = max(map(len, pids))
-        inp = torch.full((len(pids), P), tok.pad_token_id, dtype=torch.long)
-        m = torch.zeros((len(pids), P), dtype=torch.long)
-        for r, ids in enumerate(pids):
-            inp[r, P - len(ids):] = torch.tensor(ids)
-            m[r, P - len(ids):] = 1
-        pcache = DynamicCache()
-        out = model(input_ids=inp.to(dev), attention_mask=m.to(dev), position_ids=(m.cumsum(-1) - 1).clamp(min=0).to(dev),
-                    past_key_values=pcache, use_cache=True, output_hidden_states=self._want_states, logits_to_keep=1)
-        rows = torch.tensor(row_of, device=dev)
-        for L in pcache.layers:
-            L.keys, L.values = L.keys[rows], L.values[rows]
-        m = m.to(dev)[rows]
-        if self._want_states:
-            for r, s in zip(row_of, slots):
-                s.prompt_state = torch.stack([out.hidden_states[l][r, -1] for l in self._layers]).float().cpu()
-        logits = out.logits[:, -1][rows]
-        drawn = self._draw(logits, slots)
-        for s, t, lp in zip(slots, drawn, _token_logprobs(logits, drawn)):
-            s.ids.append(t)
-            s.logprobs.append(lp)
-        self._merge(batch, slots, pcache, m, m.sum(-1))
-        # a first token can already end a row (EOS, or max_new_tokens 1)
-        yield from self._settle(batch, fed=False, logits=None)
 
-    def _merge(self, batch: _Batch, slots, cache, mask, pos) -> None:
-        """Append rows (their cache, mask and positions) to the running batch, left-padding the shorter side."""
-        import torch
+class DecodePolicy:
+    """What the decode loop does with a completion's rows: plain sampling, one row per completion.
 
-        if not batch.slots:
-            batch.slots, batch.cache, batch.mask, batch.pos = list(slots), cache, mask, pos
-            return
-        T = max(batch.mask.shape[1], mask.shape[1])
-        for L0, L1 in zip(batch.cache.layers, cache.layers):
-            L0.keys = torch.cat([_lpad(L0.keys, T), _lpad(L1.keys, T)], 0)
-            L0.values = torch.cat([_lpad(L0.values, T), _lpad(L1.values, T)], 0)
-        batch.mask = torch.cat([_lpad(batch.mask, T, dim=1), _lpad(mask, T, dim=1)], 0)
-        batch.pos = torch.cat([batch.pos, pos])
-        batch.slots += list(slots)
+    The loop (`_Run`) asks its policy how many rows a completion starts with (`start`), tells it
+    of each fed row (`fed`) and of each finished one (`finish`), lets it stop a row at a boundary
+    (`boundary`) and, after each step, act on the rows it stopped (`after_step`). A policy serves
+    one `sample_stream` call: it may keep that call's state. `GuidedPolicy` is the other one.
+    """
 
-    def _step(self, batch: _Batch):
-        """One decode step: every live row is fed its newest token; rows waiting at a chunk boundary idle."""
-        import torch
+    rows_per_job = 1
+    layer = None  # a hidden-state layer the policy reads (besides the captured ones), normalised by `bind`
 
-        dev = self._m.device
-        live = [r for r, s in enumerate(batch.slots) if not s.wait]
-        act = torch.tensor([not s.wait for s in batch.slots], dtype=batch.mask.dtype, device=dev)
-        nxt = [s.ids[-1] if not s.wait else self._tok.pad_token_id for s in batch.slots]
-        # an idle row's feed lands in a masked column and does not advance its position
-        batch.mask = torch.cat([batch.mask, act[:, None]], 1)
-        out = self._m(input_ids=torch.tensor(nxt, device=dev)[:, None], attention_mask=batch.mask,
-                      position_ids=batch.pos[:, None], past_key_values=batch.cache, use_cache=True,
-                      output_hidden_states=self._want_states)
-        batch.pos = batch.pos + act
-        logits = out.logits[live, -1]
-        slots = [batch.slots[r] for r in live]
-        if self._want_states:
-            hs = torch.stack([out.hidden_states[l][live, -1] for l in self._layers], 1).float().cpu()  # (n, layers, H)
-            for i, s in enumerate(slots):
-                s.states.append(hs[i])
-        drawn = self._draw(logits, slots)
-        for s, t, lp in zip(slots, drawn, _token_logprobs(logits, drawn)):
-            if self.guide:
-                self._guided[s.job].n_fed += 1
-            if s.final is None:
-                s.ids.append(t)
-                s.logprobs.append(lp)
-        full = [None] * len(batch.slots)  # row -> its logits (live rows only)
-        for i, r in enumerate(live):
-            full[r] = logits[i]
-        yield from self._settle(batch, fed=True, logits=full)
+    def bind(self, model, name: str) -> None:
+        """Check the policy against the loaded model (`name`: how the user named it)."""
 
-    def _settle(self, batch: _Batch, fed: bool, logits):
-        """Yield finished results, drop finished rows; guided, choose among branches at chunk boundaries."""
-        tok, jobs = self._tok, self._jobs
-        keep, touched = [], []
-        for r, s in enumerate(batch.slots):
-            if s.wait:
-                keep.append(r)
-                continue
-            res = self._finished(s, fed)
-            if res is not None and not self.guide:
-                yield self._result(s, jobs[s.job].prompt, *res)
-                continue
-            if res is not None:
-                s.done = res
-                self._guided[s.job].parked.append(s)
-                touched.append(s.job)
-                continue
-            keep.append(r)
-            if self.guide and fed and s.final is None and self.guide.at_boundary(tok, s.ids, s.start, len(s.ids) - 1):
-                s.wait, s.logits = True, logits[r].clone()  # a copy: a view would keep the whole step's logits
-                touched.append(s.job)
-        batch.select(keep)
-        for j in dict.fromkeys(touched):
-            if not any(s.job == j and not s.wait for s in batch.slots):  # every branch is at its boundary or done
-                yield from self._choose(batch, j)
+    def start(self, run: _Run, j: int) -> list[_Slot]:
+        """The rows job j starts with; they share its prompt's prefill."""
+        return [_Slot(job=j, gen=run.gen(j, 0))]
 
-    def _choose(self, batch: _Batch, j: int):
+    def fed(self, s: _Slot) -> None:
+        """Row s was fed a token."""
+
+    def finish(self, run: _Run, s: _Slot, res: tuple):
+        """Row s finished with `res` (text, n_kept, reason): the (job, Sample) to yield now, or None."""
+        return run.result(s, *res)
+
+    def boundary(self, run: _Run, s: _Slot, logits) -> None:
+        """Row s, live and just fed, drew its next token from `logits`: the policy may stop it (`s.wait`)."""
+
+    def after_step(self, run: _Run):
+        """After finished rows left the batch: yield what the policy finishes (nothing here)."""
+        return ()
+
+
+class GuidedPolicy(DecodePolicy):
+    """Guided decoding by a `Guide`: a completion decodes `branch` rows; once all of them reach their
+    chunk boundary (or finish), one is kept, drawn from softmax(Q / beta) on the guide probe's
+    features, and its cache row is copied into the next chunk's branches. Holds one call's jobs."""
+
+    def __init__(self, guide: Guide):
+        self.guide = guide
+        self.rows_per_job = guide.branch
+        self.jobs: dict[int, _Job] = {}  # job index -> its guided-decoding state
+        self.touched: list[int] = []  # jobs with a row parked or stopped at its boundary in this step
+
+    def bind(self, model, name: str) -> None:
+        try:
+            self.layer = norm_layer(model, self.guide.layer)
+        except QProbeError:
+            raise QProbeError(f"the guide probe records layer {self.guide.layer}, but {name} has layers "
+                              f"0..{model_layers(model)}") from None
+
+    def start(self, run: _Run, j: int) -> list[_Slot]:
+        self.jobs[j] = _Job(rng=np.random.default_rng([int(run.jobs[j].seed), 1]))
+        # the first chunk's branches share the prompt's prefill
+        return [_Slot(job=j, gen=run.gen(j, b)) for b in range(self.guide.branch)]
+
+    def fed(self, s: _Slot) -> None:
+        self.jobs[s.job].n_fed += 1
+
+    def finish(self, run: _Run, s: _Slot, res: tuple):
+        s.done = res  # out of the batch, waiting for the choice among its siblings
+        self.jobs[s.job].parked.append(s)
+        self.touched.append(s.job)
+        return None
+
+    def boundary(self, run: _Run, s: _Slot, logits) -> None:
+        if self.guide.at_boundary(run.tok, s.ids, s.start, len(s.ids) - 1):
+            s.wait, s.logits = True, logits.clone()  # a copy: a view would keep the whole step's logits
+            self.touched.append(s.job)
+
+    def after_step(self, run: _Run):
+        touched, self.touched = dict.fromkeys(self.touched), []
+        for j in touched:
+            if not any(s.job == j and not s.wait for s in run.batch.slots):  # every branch is at its boundary or done
+                yield from self._choose(run, j)
+
+    def _choose(self, run: _Run, j: int):
         """Keep one of job j's branches by softmax(Q / beta); fork it into the next chunk's branches."""
-        import torch
-
-        g = self._guided[j]
+        batch, g = run.batch, self.jobs[j]
         rows = [r for r, s in enumerate(batch.slots) if s.job == j]
         cands = [batch.slots[r] for r in rows] + g.parked
-        li = self._layers.index(self._guide_layer)
-        feats = [self._pooled(s, li, s.done[1] if s.done else len(s.ids) - 1, self.guide.pooling) for s in cands]
+        li = run.layers.index(self.layer)
+        feats = [_pooled(s, li, s.done[1] if s.done else len(s.ids) - 1, self.guide.pooling) for s in cands]
         c, _ = self.guide.choose(np.stack(feats), g.rng)
         win, g.parked = cands[c], []
         g.n_chunks += 1
         others = set(rows) - ({rows[c]} if c < len(rows) else set())
         batch.select([r for r in range(len(batch.slots)) if r not in others])
         if win.done:
-            job, res = self._result(win, self._jobs[j].prompt, *win.done)
+            job, res = run.result(win, *win.done)
             res.fields["n_generated"] = g.n_fed
-            del self._guided[j]
+            del self.jobs[j]
             yield job, res
             return
         win.wait, win.start = False, len(win.ids) - 1
@@ -395,39 +376,146 @@ class HFSampler(Sampler):
         # the next chunk's other branches: copies of the winner's cache row, each redrawing the
         # chunk's first token from the winner's logits with its own generator
         r = next(i for i, x in enumerate(batch.slots) if x is win)
-        copies = [_Slot(job=j, gen=self._branch_gen(j, b, g.n_chunks), ids=list(win.ids), logprobs=list(win.logprobs),
+        copies = [_Slot(job=j, gen=run.gen(j, b, g.n_chunks), ids=list(win.ids), logprobs=list(win.logprobs),
                         states=list(win.states), prompt_state=win.prompt_state, start=win.start) for b in range(1, B)]
         L = win.logits[None].expand(B - 1, -1)
-        drawn = self._draw(L, copies)
+        drawn = run.sampler._draw(L, copies)
         for s, t, lp in zip(copies, drawn, _token_logprobs(L, drawn)):
             s.ids[-1], s.logprobs[-1] = t, lp
-            s.done = self._finished(s, fed=False)  # a redrawn token can end the branch at once
+            s.done = run.finished(s, fed=False)  # a redrawn token can end the branch at once
         g.parked = [s for s in copies if s.done]
         copies = [s for s in copies if not s.done]
         win.logits = None
-        if not copies:
-            return
-        idx = torch.full((len(copies),), r, device=batch.mask.device)
-        for layer in batch.cache.layers:
-            layer.keys = torch.cat([layer.keys, layer.keys[idx]], 0)
-            layer.values = torch.cat([layer.values, layer.values[idx]], 0)
-        batch.mask = torch.cat([batch.mask, batch.mask[idx]], 0)
-        batch.pos = torch.cat([batch.pos, batch.pos[idx]])
-        batch.slots += copies
+        if copies:
+            batch.fork(r, copies)
 
-    def _branch_gen(self, j: int, b: int, chunk: int = 0):
-        """Branch 0 of the first chunk draws from the row's own seed (so B = 1 is plain sampling);
+
+class _Run:
+    """The state of one `sample_stream` call: its model, jobs and decode policy, and the running batch.
+
+    Three steps, each returning the (job, Sample) pairs it finished: `admit` prefills new prompts
+    and merges them into the batch, `step` feeds every row its newest token and draws the next,
+    and both end in `settle`, which retires finished rows (the policy decides what a finished row,
+    or one at a boundary, does).
+    """
+
+    def __init__(self, sampler: HFSampler, model, tok, jobs: Sequence[SampleJob], policy: DecodePolicy):
+        self.sampler, self.model, self.tok, self.jobs, self.policy = sampler, model, tok, jobs, policy
+        self.batch = _Batch()
+        eos = model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
+        self.eos.discard(None)
+        # hidden-state layers kept per fed token: the captured ones, then the policy's
+        self.cap_layers = [norm_layer(model, l) for l, _ in sampler.capture]
+        policy.bind(model, sampler.model)
+        self.layers = list(dict.fromkeys(self.cap_layers + ([policy.layer] if policy.layer is not None else [])))
+        self.want_states = bool(self.layers)
+
+    def admit(self, new: list[int]) -> list:
+        """Prefill the prompts of jobs `new` (each distinct prompt once), draw their first tokens, merge."""
+        import torch
+        from transformers import DynamicCache
+
+        model, tok, jobs, dev = self.model, self.tok, self.jobs, self.model.device
+        uniq: dict[tuple, int] = {}  # prompt ids -> row of the prefill batch
+        pids, row_of, slots = [], [], []
+        for j in new:
+            ids = tuple(prompt_ids(tok, jobs[j].prompt))
+            if ids not in uniq:
+                uniq[ids] = len(pids)
+                pids.append(ids)
+            for s in self.policy.start(self, j):
+                row_of.append(uniq[ids])
+                slots.append(s)
+        P = max(map(len, pids))
+        inp = torch.full((len(pids), P), tok.pad_token_id, dtype=torch.long)
+        m = torch.zeros((len(pids), P), dtype=torch.long)
+        for r, ids in enumerate(pids):
+            inp[r, P - len(ids):] = torch.tensor(ids)
+            m[r, P - len(ids):] = 1
+        pcache = DynamicCache()
+        out = model(input_ids=inp.to(dev), attention_mask=m.to(dev), position_ids=(m.cumsum(-1) - 1).clamp(min=0).to(dev),
+                    past_key_values=pcache, use_cache=True, output_hidden_states=self.want_states, logits_to_keep=1)
+        rows = torch.tensor(row_of, device=dev)
+        for L in pcache.layers:
+            L.keys, L.values = L.keys[rows], L.values[rows]
+        m = m.to(dev)[rows]
+        if self.want_states:
+            for r, s in zip(row_of, slots):
+                s.prompt_state = torch.stack([out.hidden_states[l][r, -1] for l in self.layers]).float().cpu()
+        logits = out.logits[:, -1][rows]
+        drawn = self.sampler._draw(logits, slots)
+        for s, t, lp in zip(slots, drawn, _token_logprobs(logits, drawn)):
+            s.ids.append(t)
+            s.logprobs.append(lp)
+        self.batch.merge(slots, pcache, m, m.sum(-1))
+        # a first token can already end a row (EOS, or max_new_tokens 1)
+        return self.settle(fed=False, logits=None)
+
+    def step(self) -> list:
+        """One decode step: every live row is fed its newest token; rows waiting at a boundary idle."""
+        import torch
+
+        batch, dev = self.batch, self.model.device
+        live = [r for r, s in enumerate(batch.slots) if not s.wait]
+        act = torch.tensor([not s.wait for s in batch.slots], dtype=batch.mask.dtype, device=dev)
+        nxt = [s.ids[-1] if not s.wait else self.tok.pad_token_id for s in batch.slots]
+        # an idle row's feed lands in a masked column and does not advance its position
+        batch.mask = torch.cat([batch.mask, act[:, None]], 1)
+        out = self.model(input_ids=torch.tensor(nxt, device=dev)[:, None], attention_mask=batch.mask,
+                         position_ids=batch.pos[:, None], past_key_values=batch.cache, use_cache=True,
+                         output_hidden_states=self.want_states)
+        batch.pos = batch.pos + act
+        logits = out.logits[live, -1]
+        slots = [batch.slots[r] for r in live]
+        if self.want_states:
+            hs = torch.stack([out.hidden_states[l][live, -1] for l in self.layers], 1).float().cpu()  # (n, layers, H)
+            for i, s in enumerate(slots):
+                s.states.append(hs[i])
+        drawn = self.sampler._draw(logits, slots)
+        for s, t, lp in zip(slots, drawn, _token_logprobs(logits, drawn)):
+            self.policy.fed(s)
+            if s.final is None:
+                s.ids.append(t)
+                s.logprobs.append(lp)
+        full = [None] * len(batch.slots)  # row -> its logits (live rows only)
+        for i, r in enumerate(live):
+            full[r] = logits[i]
+        return self.settle(fed=True, logits=full)
+
+    def settle(self, fed: bool, logits) -> list:
+        """The results finished now; finished rows leave the batch; the policy acts on the rows it stopped."""
+        batch, policy, done, keep = self.batch, self.policy, [], []
+        for r, s in enumerate(batch.slots):
+            if s.wait:
+                keep.append(r)
+                continue
+            res = self.finished(s, fed)
+            if res is not None:
+                out = policy.finish(self, s, res)
+                if out is not None:
+                    done.append(out)
+                continue
+            keep.append(r)
+            if fed and s.final is None:
+                policy.boundary(self, s, logits[r])
+        batch.select(keep)
+        done += policy.after_step(self)
+        return done
+
+    def gen(self, j: int, b: int, chunk: int = 0):
+        """Branch 0 of the first chunk draws from the row's own seed (so one branch is plain sampling);
         every other branch from a seed derived from the row's, the chunk and the branch."""
         import torch
 
-        seed = int(self._jobs[j].seed)
+        seed = int(self.jobs[j].seed)
         if b or chunk:
             seed = row_seed(seed, ["branch", chunk], b)
         return torch.Generator(device="cpu").manual_seed(seed)
 
-    def _finished(self, s: _Slot, fed: bool):
+    def finished(self, s: _Slot, fed: bool):
         """(text, n_kept_tokens, reason) when slot `s` is done, else None."""
-        tok, eos = self._tok, self._eos
+        tok, eos, sp = self.tok, self.eos, self.sampler
         if s.final is not None:
             return s.final if fed else None  # done once its last kept token has been fed
         n_fed = len(s.ids) - 1  # the newest sampled token is not fed yet
@@ -435,56 +523,50 @@ class HFSampler(Sampler):
             text, kept, reason = tok.decode(s.ids[:-1], skip_special_tokens=True), len(s.ids) - 1, "stop"
         else:
             full = tok.decode(s.ids, skip_special_tokens=True)
-            text, stopped = truncate(full, self.stop, self.code_block)
+            text, stopped = truncate(full, sp.stop, sp.code_block)
             if stopped:
                 kept, reason = _kept_tokens(tok, s.ids, len(text)), "stop"
-            elif len(s.ids) >= self.max_new_tokens:
+            elif len(s.ids) >= sp.max_new_tokens:
                 kept, reason = len(s.ids), "length"
             else:
                 return None
-        if kept > n_fed and self._want_states:
+        if kept > n_fed and self.want_states:
             s.final = (text, kept, reason)  # feed it once more for its hidden state
             return None
         return text, kept, reason
 
-    def _pooled(self, s: _Slot, li: int, n: int, pooling: str):
-        """Features of the first n completion tokens of slot s at state layer li (the prompt's when n = 0)."""
-        from qprobe.embedders.hf import pool_states
-        import torch
-
-        st = torch.stack([x[li] for x in s.states[:n]]) if n else None
-        return np.asarray(pool_states(st, s.prompt_state[li], pooling), dtype=np.float32)
-
-    def _result(self, s: _Slot, prompt, text: str, kept: int, reason: str) -> tuple[int, Sample]:
+    def result(self, s: _Slot, text: str, kept: int, reason: str) -> tuple[int, Sample]:
         res = Sample(text, reason, {"n_tokens": kept, "token_logprobs": [round(float(x), 4) for x in s.logprobs[:kept]]})
-        if not self.capture:
+        sp, tok = self.sampler, self.tok
+        if not sp.capture:
             return s.job, res
         points = [(kept, text)]  # (tokens, text) of each prefix whose features are kept
-        if self.prefix_every is not None:
+        if sp.prefix_every is not None:
             points = []
-            for t in prefix_points(self._tok, s.ids[:kept], self.prefix_every)[:-1]:
-                pre = self._tok.decode(s.ids[:t], skip_special_tokens=True)
+            for t in prefix_points(tok, s.ids[:kept], sp.prefix_every)[:-1]:
+                pre = tok.decode(s.ids[:t], skip_special_tokens=True)
                 if text.startswith(pre) and (not points or len(pre) > len(points[-1][1])) and len(pre) < len(text):
                     # kept only where the text tokenizes back to the sampled tokens, so that its features
                     # equal a separate forward pass on (prompt, prefix): a cut inside a multi-byte
                     # character, or one the tokenizer would merge differently, is skipped
-                    if completion_ids(self._tok, pre) == list(s.ids[:t]):
+                    if completion_ids(tok, pre) == list(s.ids[:t]):
                         points.append((t, pre))
             points.append((kept, text))
             res.fields["prefix_chars"] = [len(p) for _, p in points]
-        for emb, layer in zip(self.capture_embedders(), self._cap_layers):
-            li = self._layers.index(layer)
-            res.features += [Captured(emb, prompt, pre, self._pooled(s, li, t, emb.pooling)) for t, pre in points]
+        prompt = self.jobs[s.job].prompt
+        for emb, layer in zip(sp.capture_embedders(), self.cap_layers):
+            li = self.layers.index(layer)
+            res.features += [Captured(emb, prompt, pre, _pooled(s, li, t, emb.pooling)) for t, pre in points]
         return s.job, res
 
-    def capture_embedders(self) -> list:
-        """The `HFEmbedder` whose features each `capture` entry equals (it owns their cache keys)."""
-        if self._cap_embedders is None:
-            from qprobe.embedders.hf import HFEmbedder
 
-            self._cap_embedders = [HFEmbedder(self.model, layer, pooling, device=self.device, dtype=self.dtype)
-                                   for layer, pooling in self.capture]
-        return self._cap_embedders
+def _pooled(s: _Slot, li: int, n: int, pooling: str):
+    """Features of the first n completion tokens of slot s at state layer li (the prompt's when n = 0)."""
+    from qprobe.embedders.hf import pool_states
+    import torch
+
+    st = torch.stack([x[li] for x in s.states[:n]]) if n else None
+    return np.asarray(pool_states(st, s.prompt_state[li], pooling), dtype=np.float32)
 
 
 def _token_logprobs(logits, ids) -> list[float]:

@@ -286,10 +286,10 @@ def misuse_figures(r2: dict) -> dict:
     """The figures of `run_misuse_cases`: hostile inputs tried and refused, forged rewards, inputs destroyed."""
     e, f = r2["entries"], r2["forgeries"]
     return {
-        "round2_hostile_inputs_tried": sum(x["expected"] == "refused" for x in e),
-        "round2_hostile_inputs_refused": sum(x["ok"] for x in e if x["expected"] == "refused"),
-        "round2_odd_inputs_accepted": sum(x["ok"] for x in e if x["expected"] == "accepted"),
-        "round2_odd_inputs": sum(x["expected"] == "accepted" for x in e),
+        "misuse_inputs_tried": sum(x["expected"] == "refused" for x in e),
+        "misuse_inputs_refused": sum(x["ok"] for x in e if x["expected"] == "refused"),
+        "misuse_odd_inputs_accepted": sum(x["ok"] for x in e if x["expected"] == "accepted"),
+        "misuse_odd_inputs": sum(x["expected"] == "accepted" for x in e),
         "forgeries_tried": sum(not x["known_limit"] for x in f),
         "forged_rewards": sum(x["forged"] for x in f if not x["known_limit"]),
         "known_limit_forgeries_tried": sum(x["known_limit"] for x in f),

@@ -1,4 +1,6 @@
-"""Hostile inputs, round 2 (issue 16): each defect found there, pinned by a test that failed before its fix.
+"""Misused commands: outputs that name an input, special files, absurd limits, features without a
+sidecar, malformed inputs, concurrent saves, forged rewards. Each is refused with one line (or handled
+as documented) and no input is destroyed.
 
 No model is loaded: rows, features and a ridge probe are made here in a second.
 """
@@ -11,7 +13,6 @@ import math
 import os
 import re
 import stat
-import sys
 import threading
 from pathlib import Path
 
@@ -20,14 +21,13 @@ import pytest
 from click.testing import CliRunner
 
 from qprobe.cli import cli
-
-ROOT = Path(__file__).resolve().parents[1]
-from qprobe.testing import faults as fr  # noqa: E402
 from qprobe.errors import QProbeError
 from qprobe.io import load_features, read_jsonl, save_features, write_jsonl
+from qprobe.testing.misuse import (TOY_EXTRACTOR, forged_rewards, misuse_rows, misuse_setup, private_device,
+                                   run_misuse_cases)
 
-IDENT = fr.R2_IDENT
-rows_of = fr.round2_rows
+IDENT = TOY_EXTRACTOR
+rows_of = misuse_rows
 
 
 def invoke(*args):
@@ -61,7 +61,7 @@ def digest(path: Path) -> str:
 @pytest.fixture()
 def work(tmp_path):
     """rows.jsonl, X.npy (+ sidecar) and a ridge probe P/."""
-    fr.round2_setup(tmp_path)
+    misuse_setup(tmp_path)
     return tmp_path
 
 
@@ -69,7 +69,7 @@ def rerank(work, out, *extra):
     return invoke("rerank", work / "rows.jsonl", work / "X.npy", "--probe", work / "P", "-o", out, *extra)
 
 
-# ------------------------------------------------------------------ 2. an output that is an input
+# ------------------------------------------------------------------ an output that is an input
 @pytest.mark.parametrize("target", ["rows.jsonl", "X.npy", "X.npy.json", "P/config.json", "P/probe.safetensors",
                                     "hardlink", "symlink"])
 def test_an_output_that_is_an_input_is_refused(work, target):
@@ -93,9 +93,9 @@ def test_train_and_reward_and_embed_refuse_their_inputs(work):
     assert before == {p: digest(work / p) for p in before}
 
 
-# ------------------------------------------------------------------ 3. special files are written through
+# ------------------------------------------------------------------ special files are written through
 def test_a_null_device_and_a_symlink_to_it_stay_devices(work):
-    null = fr.private_device(work / "null", 3)  # never the system's /dev/null: a regression would replace it
+    null = private_device(work / "null", 3)  # never the system's /dev/null: a regression would replace it
     if null is None:
         pytest.skip("cannot make a device node here")
     assert rerank(work, null).exit_code == 0
@@ -129,7 +129,7 @@ def test_features_onto_a_device_and_outputs_onto_a_socket_are_refused(work, tmp_
     import socket
 
     rows = rows_of()
-    null = fr.private_device(work / "null", 3)
+    null = private_device(work / "null", 3)
     if null is not None:
         with pytest.raises(QProbeError, match="regular file"):
             save_features(null, np.zeros((len(rows), 2)), rows, IDENT)
@@ -142,7 +142,7 @@ def test_features_onto_a_device_and_outputs_onto_a_socket_are_refused(work, tmp_
         s.close()
 
 
-# ------------------------------------------------------------------ 4. limits at the flag; sandbox failures
+# ------------------------------------------------------------------ limits at the flag; sandbox failures
 @pytest.mark.parametrize("value", ["inf", "nan", "1e308", "0", "-1", "3601"])
 def test_absurd_timeouts_are_refused_at_the_flag(work, value):
     line = one_line(invoke("reward", work / "rows.jsonl", "-o", work / "o.jsonl", "--kind", "code",
@@ -181,7 +181,7 @@ def test_a_sandbox_failure_is_an_error_and_is_not_cached(tmp_path, monkeypatch):
     assert len(Cache(tmp_path / "cache")) == 0 and not (tmp_path / "o.jsonl").exists()
 
 
-# ------------------------------------------------------------------ 5. features without their sidecar
+# ------------------------------------------------------------------ features without their sidecar
 def test_a_bare_npy_is_refused_unless_vouched_for(work):
     X, _ = load_features(work / "X.npy")
     np.save(work / "bare.npy", X[::-1])  # rows reversed, no sidecar: would silently mislead
@@ -193,7 +193,7 @@ def test_a_bare_npy_is_refused_unless_vouched_for(work):
         assert "--features-unchecked" in invoke(cmd, "--help").stdout
 
 
-# ------------------------------------------------------------------ 6. regex reward with a time limit
+# ------------------------------------------------------------------ regex reward with a time limit
 def test_a_catastrophic_regex_times_out_instead_of_hanging(tmp_path):
     rows = [{"prompt_id": "a", "prompt": "p", "sample": 0, "completion": "a" * 40, "reference": "(a|aa)+b"},
             {"prompt_id": "a", "prompt": "p", "sample": 1, "completion": "ab", "reference": "(a|aa)+b"}]
@@ -205,7 +205,7 @@ def test_a_catastrophic_regex_times_out_instead_of_hanging(tmp_path):
     assert [(o["reward"], o["reward_reason"]) for o in out] == [(0.0, "timeout"), (1.0, "match")]
 
 
-# ------------------------------------------------------------------ 7. two saves into one folder
+# ------------------------------------------------------------------ two saves into one folder
 def test_concurrent_probe_saves_all_succeed_and_leave_nothing_behind(work):
     from qprobe.probe import QProbe
 
@@ -242,7 +242,7 @@ def test_a_symlinked_probe_folder_stays_a_link(work):
     QProbe.load(work / "link")
 
 
-# ------------------------------------------------------------------ 8. .gz outputs are gzip
+# ------------------------------------------------------------------ .gz outputs are gzip
 def test_a_gz_output_is_gzip_and_reads_back(work):
     r = invoke("reward", work / "rows.jsonl", "-o", work / "out.jsonl.gz", "--kind", "match", "--no-cache")
     assert r.exit_code == 0, r.stderr
@@ -251,12 +251,12 @@ def test_a_gz_output_is_gzip_and_reads_back(work):
     assert len(read_jsonl(work / "out.jsonl.gz")) == 24
 
 
-# ------------------------------------------------------------------ 9. malformed inputs: one line each
-def test_every_round2_case_is_refused_with_one_line_and_no_input_is_destroyed(tmp_path):
-    """The fault report's round-2 cases (ids, huge ints, deep JSON, surrogates, bad sidecars and probe
+# ------------------------------------------------------------------ malformed inputs: one line each
+def test_every_misuse_case_is_refused_with_one_line_and_no_input_is_destroyed(tmp_path):
+    """The fault report's misuse cases (ids, huge ints, deep JSON, surrogates, bad sidecars and probe
     configs, string/structured features, bad seeds, full/read-only/impossible outputs, a corrupt cache,
     a raising or absurd user reward, plus the classes above), as `experiments/fault_report.py` counts them."""
-    res = fr.hostile_round2(tmp_path / "r2", forgeries=False)
+    res = run_misuse_cases(tmp_path / "misuse", forgeries=False)
     bad = [(e["what"], e["line"]) for e in res["entries"] if not e["ok"]]
     assert not bad, "\n".join(map(str, bad))
     assert sum(e["class"] == "malformed" for e in res["entries"]) >= 20
@@ -266,12 +266,12 @@ def test_every_round2_case_is_refused_with_one_line_and_no_input_is_destroyed(tm
 @pytest.mark.slow
 def test_no_forgery_scores_a_reward():
     """Completions that try to print the token or exit early without passing: none scores 1.0."""
-    res = fr.forged_rewards(timeout=30)
+    res = forged_rewards(timeout=30)
     assert not [f["what"] for f in res if f["forged"] and not f["known_limit"]]
     assert not [f for f in res if not f["known_limit"] and f["reason"] == "timeout"]  # a real outcome each
 
 
-# ------------------------------------------------------------------ questionable, decided
+# ------------------------------------------------------------------ file modes and --where matching
 def test_outputs_respect_the_umask_and_keep_an_existing_mode(work):
     old = os.umask(0o027)
     try:
