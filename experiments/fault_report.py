@@ -7,7 +7,7 @@ scenarios' docstrings in qprobe/testing/; tests/test_reliability.py and
 tests/test_misuse.py assert on them). Misused commands (`qprobe.testing.misuse`): outputs naming an input, special
 files (on device nodes of its own, never the system's), absurd limits, features without a
 sidecar, about thirty malformed inputs, completions that try to forge a code reward, and
-the input files destroyed by all of it (must be 0). `--misuse-only` (or its former name `--round2-only`) runs just these
+the input files destroyed by all of it (must be 0). `--misuse-only` runs just these
 (no model, minutes).
 The `serve` section runs a real `qprobe serve` process against
 hostile clients and a hostile upstream: requests refused with the right status, connections the
@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", default=None, help="keep the files here [default: a temporary folder]")
     ap.add_argument("--model-dir", default=None, help="a small local model for the context-length cases")
     ap.add_argument("--no-model", action="store_true", help="skip the cases that need a local model")
-    ap.add_argument("--misuse-only", "--round2-only", dest="misuse_only", action="store_true",
+    ap.add_argument("--misuse-only", dest="misuse_only", action="store_true",
                     help="run only the misused commands and the forged rewards (no model, a few minutes)")
     ap.add_argument("--serve-only", action="store_true",
                     help="run only the serve section (no model, about a minute)")
