@@ -9,8 +9,8 @@ under cProfile, then reads the cumulative time of the sampler's own functions:
 
 - forward: the model's forward calls, split into prefill (admission) and decode steps
 - draw: softmax, nucleus and the seeded inverse-CDF draw (`_draw`, `_token_logprobs`)
-- merge: concatenating admitted rows' caches into the running batch (`_merge`)
-- stop checks: decoding the tokens and looking for stops (`_finished`)
+- merge: concatenating admitted rows' caches into the running batch (`_Batch.merge`)
+- stop checks: decoding the tokens and looking for stops (`_Run.finished`)
 - the rest of a step: everything else in `sample_stream`, mostly Python per step
 
 and, from the attention masks the decode steps ran with, the share of attended positions
@@ -71,19 +71,9 @@ def main(argv=None) -> dict:
 
     # padding: the share of attention-mask positions that are padding, over the decode steps
     pad = {"cells": 0, "padding": 0, "steps": 0, "rows": 0}
-    step = hfmod.HFSampler._step
-
-    def counted_step(self, batch):
-        m = batch.mask
-        pad["cells"] += m.numel() + m.shape[0]  # the column this step appends included
-        pad["padding"] += int(m.numel() - m.sum())
-        pad["steps"] += 1
-        pad["rows"] += m.shape[0]
-        return step(self, batch)
-
-    # forward: split prefill and decode by wrapping the model's __call__ while each runs
+    # forward: split prefill and decode by timing the model's calls while each step runs
     fwd = {"prefill": 0.0, "decode": 0.0}
-    admit = hfmod.HFSampler._admit
+    admit, step = hfmod._Run.admit, hfmod._Run.step
 
     class Timed:
         """The model, with its forward calls timed under `kind`; every other attribute passes through."""
@@ -100,28 +90,33 @@ def main(argv=None) -> dict:
             fwd[self.kind] += time.perf_counter() - t0
             return out
 
-    def admit_wrapped(self, batch, new):
-        real, self._m = self._m, Timed("prefill")
+    def admit_wrapped(run, new):
+        real, run.model = run.model, Timed("prefill")
         try:
-            yield from admit(self, batch, new)
+            return admit(run, new)
         finally:
-            self._m = real
+            run.model = real
 
-    def step_wrapped(self, batch):
-        real, self._m = self._m, Timed("decode")
+    def step_wrapped(run):
+        m = run.batch.mask
+        pad["cells"] += m.numel() + m.shape[0]  # the column this step appends included
+        pad["padding"] += int(m.numel() - m.sum())
+        pad["steps"] += 1
+        pad["rows"] += m.shape[0]
+        real, run.model = run.model, Timed("decode")
         try:
-            yield from counted_step(self, batch)
+            return step(run)
         finally:
-            self._m = real
+            run.model = real
 
-    hfmod.HFSampler._admit, hfmod.HFSampler._step = admit_wrapped, step_wrapped
+    hfmod._Run.admit, hfmod._Run.step = admit_wrapped, step_wrapped
     prof = cProfile.Profile()
     t = time.perf_counter()
     prof.enable()
     again = [s for _, s in sampler().sample_stream(jobs)]
     prof.disable()
     profiled = time.perf_counter() - t
-    hfmod.HFSampler._admit, hfmod.HFSampler._step = admit, step
+    hfmod._Run.admit, hfmod._Run.step = admit, step
     assert [s.completion for s in again] == [s.completion for s in plain], "the profiled run drew other tokens"
 
     st = pstats.Stats(prof)
@@ -130,8 +125,8 @@ def main(argv=None) -> dict:
         "forward, decode steps": fwd["decode"],
         "token draw (softmax, top-p, seeded draw, log-probs)":
             cumulative(st, "samplers/hf.py", "_draw") + cumulative(st, "samplers/hf.py", "_token_logprobs"),
-        "cache merges on admission": cumulative(st, "samplers/hf.py", "_merge"),
-        "stop checks (decode + stop search)": cumulative(st, "samplers/hf.py", "_finished"),
+        "cache merges on admission": cumulative(st, "samplers/hf.py", "merge"),
+        "stop checks (decode + stop search)": cumulative(st, "samplers/hf.py", "finished"),
     }
     parts["the rest: Python per step, results, bookkeeping"] = max(0.0, profiled - sum(parts.values()))
     flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx2", "avx512", "amx"))))

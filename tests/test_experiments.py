@@ -29,3 +29,17 @@ def test_mbpp_table_json_contract(tmp_path):
     assert [row["policy"] for row in res["settings"]["A"]][0] == "base"
     assert res["setting_a_probe_pass1"] == next(row["reward"] for row in res["settings"]["A"] if row["policy"] == "probe")
     assert "setting A: CV chose" in r.stderr
+
+
+def test_profile_sampler_accounts_for_the_sampler_time(tiny_model_dir):
+    """The profile's parts are measured (not zero) and add up to no more than the profiled run,
+    and the sampler drew the same tokens with the profiler's wrappers as without them."""
+    from experiments import profile_sampler
+
+    res = profile_sampler.main(["--model", tiny_model_dir, "--prompts", "2", "-k", "2", "--max-new-tokens", "6",
+                                "--batch-size", "2"])
+    parts = res["parts_s"]
+    assert parts["forward, decode steps"] > 0 and parts["forward, prefill (admission)"] >= 0  # rounded to 10 ms
+    assert sum(parts.values()) <= res["profiled_s"] + 0.01
+    assert res["decode_steps"] > 0 and 0 <= res["padding_share"] < 1
+    assert res["useful_tokens"] > 0
