@@ -388,11 +388,19 @@ def llama_server(log_path: str | os.PathLike, timeout: float = 90.0, n_ctx: int 
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--host", "127.0.0.1",
            "--port", str(port), "--embedding", "true", "--n_ctx", str(n_ctx)]
+    with _server_process(cmd, port, log_path, timeout, "llama.cpp server") as base:
+        yield base
+
+
+@contextlib.contextmanager
+def _server_process(cmd: list[str], port: int, log_path, timeout: float, what: str) -> Iterator[str]:
+    """Start `cmd` (a server on 127.0.0.1:`port`) logging to `log_path`; yield its base URL once
+    /v1/models answers; terminate it (kill after 10 s) on the way out."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/v1"
     try:
-        _wait_for_models(proc, base, log_path, timeout, "llama.cpp server", tail=2000, poll=0.5)
+        _wait_for_models(proc, base, log_path, timeout, what, tail=2000, poll=0.5)
         yield base
     finally:
         proc.terminate()
@@ -426,19 +434,8 @@ def native_llama_server(gguf: str | os.PathLike, log_path: str | os.PathLike, pa
     port = free_port()
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
            "-c", str(parallel * ctx_per_slot), "--cont-batching", "-t", str(threads or os.cpu_count() or 1)]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        _wait_for_models(proc, base, log_path, timeout, "llama-server", tail=2000, poll=0.5)
+    with _server_process(cmd, port, log_path, timeout, "llama-server") as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # ------------------------------------------------------------------ the real vLLM CPU build
