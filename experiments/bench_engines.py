@@ -74,10 +74,10 @@ def run_engine(engine: str, model: str, rows, args, settings, stack) -> tuple[di
     elif engine == "native":
         from qprobe.testing.servers import native_llama_server
 
-        url = stack.enter_context(native_llama_server(gguf_of(model), tmp / f"native-{model}.log",
-                                                      parallel=args.parallel))
+        gguf = gguf_of(model)
+        url = stack.enter_context(native_llama_server(gguf, tmp / f"native-{model}.log", parallel=args.parallel))
         sampler = OpenAISampler(url, model, concurrency=args.concurrency, timeout=600, **settings)
-        note = f"llama.cpp llama-server -np {args.parallel} ({gguf_of(model).name}), n = k per request"
+        note = f"llama.cpp llama-server -np {args.parallel} ({gguf.name}), n = k per request"
     elif engine == "llama":
         from qprobe.testing.servers import llama_server
 
@@ -123,11 +123,11 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     import torch
 
-    from qprobe.hfmodel import cpu_flags
+    from qprobe.hfmodel import speed_flags
 
     rows = prompts(args.prompts)
     settings = dict(temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens)
-    flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx2", "avx512", "amx"))))
+    flags = speed_flags()
     res = {"prompts": len(rows), "k": args.k, "max_new_tokens": args.max_new_tokens,
            "cpu_threads": torch.get_num_threads(), "cpu_flags": flags, "models": {}}
     print(f"{len(rows)} MBPP test prompts x {args.k}, {args.max_new_tokens} new tokens, "

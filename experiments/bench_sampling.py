@@ -142,14 +142,6 @@ def dtype_compare(name, batch, steps=16, prompt_len=128, threads=None):
     return out
 
 
-def cpu_flags() -> str:
-    from qprobe.hfmodel import cpu_flags as flags_of_this_cpu
-
-    flags = flags_of_this_cpu()
-    wanted = [x for x in flags if x.startswith(("avx512_bf16", "amx", "avx512f", "avx2"))]
-    return " ".join(sorted(wanted)) or "none of avx2/avx512/amx"
-
-
 def useful_tokens(tok, texts):
     return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
 
@@ -175,7 +167,9 @@ def main():
     if args.dtype_compare:
         if args.threads:
             torch.set_num_threads(args.threads)
-        res = {"model": args.model, "threads": torch.get_num_threads(), "cpu_flags": cpu_flags()}
+        from qprobe.hfmodel import speed_flags
+
+        res = {"model": args.model, "threads": torch.get_num_threads(), "cpu_flags": speed_flags()}
         print(f"{args.model} on CPU, {res['threads']} threads, flags: {res['cpu_flags']}", flush=True)
         res.update(dtype_compare(args.model, args.batch_size, threads=args.threads))
         print(json.dumps(res))

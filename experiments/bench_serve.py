@@ -96,6 +96,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--overhead-only", action="store_true", help="skip the concurrency levels")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    if a.repeats < 1:
+        ap.error("--repeats must be at least 1")
 
     import torch
 
@@ -140,7 +142,7 @@ def main(argv=None) -> dict:
                       f"overhead {rounds[-1]['overhead_mean']:+.1%}", file=sys.stderr, flush=True)
             batches = app.state.backend.n_batches
     plain, captured = [r["plain_mean"] for r in rounds], [r["capture_mean"] for r in rounds]
-    c1 = {"p50": statistics.mean(r["served_p50"] for r in rounds)}
+    served_p50 = statistics.mean(r["served_p50"] for r in rounds)
     lines = [
         f"# python experiments/bench_serve.py {' '.join(argv or [])}".rstrip(),
         f"# {platform.node()}: {torch.get_num_threads()} torch threads, {a.model}, k {a.k}, max_tokens {a.max_tokens}, "
@@ -159,7 +161,7 @@ def main(argv=None) -> dict:
     lines.append(f"plain sampling, same prompts/seeds/k, no features/probe/HTTP: {report['plain_mean']:.2f} s per "
                  f"request (mean of {len(rounds)} rounds)")
     lines.append(f"the same, keeping the probe's features (capture): {report['capture_mean']:.2f} s per request")
-    lines.append(f"served with reranking at concurrency 1: p50 {c1['p50']:.2f} s; overhead over plain, per round: "
+    lines.append(f"served with reranking at concurrency 1: p50 {served_p50:.2f} s; overhead over plain, per round: "
                  + ", ".join(f"{o:+.1%}" for o in overs)
                  + f"; mean {report['rerank_overhead']:+.1%} (min {min(overs):+.1%}, max {max(overs):+.1%}, "
                    f"sd {report['rerank_overhead_sd']:.1%})")

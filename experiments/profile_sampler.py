@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
     import torch
 
     from qprobe.datasets.code import mbpp_rows
-    from qprobe.hfmodel import cpu_flags, dtype_name, load_model
+    from qprobe.hfmodel import dtype_name, load_model, speed_flags
     from qprobe.samplers import hf as hfmod
     from qprobe.samplers.base import SampleJob
 
@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
         "stop checks (decode + stop search)": cumulative(st, "samplers/hf.py", "finished"),
     }
     parts["the rest: Python per step, results, bookkeeping"] = max(0.0, profiled - sum(parts.values()))
-    flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx2", "avx512", "amx"))))
+    flags = speed_flags()
     padding = pad["padding"] / max(1, pad["cells"])
     print(f"{args.model}, {dtype}, {torch.get_num_threads()} threads, CPU flags: {flags}")
     print(f"{len(rows)} MBPP prompts x {args.k}, {args.max_new_tokens} new tokens, batch {args.batch_size}: "

@@ -141,6 +141,13 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def speed_flags() -> str:
+    """The CPU flags that decide a CPU's speed here (AVX2, AVX512*, AMX), sorted, for a benchmark
+    to name its machine by."""
+    return " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx2", "avx512", "amx")))) \
+        or "none of avx2/avx512/amx"
+
+
 def default_dtype(device: str | None) -> str:
     """The dtype qprobe picks when --dtype is not given: bfloat16 on a GPU and on a CPU with
     AVX512-BF16 or AMX, float32 on every other CPU."""

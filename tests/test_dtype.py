@@ -58,3 +58,10 @@ def test_serve_computes_in_the_probes_dtype(flags):
     with pytest.raises(QProbeError, match="trained on float32"):
         LocalBackend("m", ex, dtype="bfloat16")
     assert LocalBackend("m", None).dtype is None  # no recorded dtype: the machine's default
+
+
+def test_speed_flags_names_only_the_flags_that_matter(flags):
+    flags(AVX512 | {"avx512_bf16", "sse4_2"})
+    assert hfmodel.speed_flags() == "avx2 avx512_bf16 avx512_vnni avx512bw avx512f"
+    flags(frozenset({"sse2"}))
+    assert hfmodel.speed_flags() == "none of avx2/avx512/amx"
