@@ -256,7 +256,8 @@ def signals_section(res, rows, feats, samp, tr, te, args):
     res.update(setting_a_probe_pass1=mean.get("probe"), shown_filter_pass1=mean.get("filter:shown"),
                shown_filter_logprob_pass1=mean.get("filter:shown + likelihood"),
                cascade_probe_pass1=mean.get("cascade probe"), signals_probe_pass1=mean.get("probe with signals"),
-               n_prompts_mixed_after_filter=cs["n_prompts_mixed_after_filter"])
+               n_prompts_mixed_after_filter=cs["n_prompts_mixed_after_filter"],
+               shown_precision=cs["shown_precision"], hidden_passers_failing_shown=cs["hidden_passers_failing_shown"])
     if "likelihood" in per:
         from qprobe.compare import paired_bootstrap
 
@@ -323,6 +324,9 @@ def print_settings(res):
     if res.get("n_prompts_mixed_after_filter") is not None:
         print(f"test prompts whose shown-test passers differ on the hidden tests: "
               f"{res['n_prompts_mixed_after_filter']}", file=p)
+        print(f"test rows passing the shown test that pass the hidden tests (precision): "
+              f"{res['shown_precision']:.3f}; test rows passing the hidden tests but failing the shown one: "
+              f"{res['hidden_passers_failing_shown']}", file=p)
 
 
 def sentence_features(rows):

@@ -219,7 +219,9 @@ def compare_settings(rows: list[dict], feats: dict, train, test, objectives=("ce
     -------
     dict with ``per_prompt`` (policy -> per-test-prompt expected reward), ``choices`` (setting ->
     :class:`Choice`), ``table`` (setting -> :func:`qprobe.compare.compare` rows against the best
-    policy without a probe in that setting), ``n_prompts_mixed_after_filter`` and ``q`` (policy ->
+    policy without a probe in that setting), ``n_prompts_mixed_after_filter``, ``shown_precision``
+    (the share of test rows passing the shown test that pass the hidden ones),
+    ``hidden_passers_failing_shown`` (test rows that pass the hidden tests but not the shown one) and ``q`` (policy ->
     test scores of each probe).
     """
     from qprobe.compare import paired_bootstrap, per_prompt_reward, policies
@@ -267,13 +269,17 @@ def compare_settings(rows: list[dict], feats: dict, train, test, objectives=("ce
             {"policy": p, "reward": float(per[p].mean()), "vs": ref,
              **(paired_bootstrap(per[p], per[ref]) if p != ref else {"diff": 0.0, "lo": 0.0, "hi": 0.0})}
             for p in policies_in if p in per]
-    mixed = None
+    mixed = precision = missed = None
     if has_shown:  # test prompts whose shown-test passers differ in their hidden outcome
         m = cascade_mask(shown[te], g[te]) & (shown[te] > 0)
         gte = g[te]
         mixed = sum(1 for p in np.unique(gte) if len(set(y[te][(gte == p) & m])) > 1)
+        passed = shown[te] > 0
+        precision = float((y[te][passed] >= 1).mean()) if passed.any() else None  # P(hidden pass | shown pass)
+        missed = int(((y[te] >= 1) & ~passed).sum())  # rows passing the hidden tests but failing the shown one
     return {"per_prompt": per, "choices": choices, "table": table, "n_prompts_mixed_after_filter": mixed, "q": q,
-            "probes": probes, "oracle": float(per["best-of-k"].mean())}
+            "probes": probes, "oracle": float(per["best-of-k"].mean()), "shown_precision": precision,
+            "hidden_passers_failing_shown": missed}
 
 
 def transfer(result: dict, rows: list[dict], feats: dict) -> dict:
